@@ -1,0 +1,43 @@
+"""The ``hbt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, format_summary, run_demo
+
+    cfg = DemoConfig(out=Path(args.out), quick=args.quick, device=args.device, seed=args.seed,
+                     progress=not args.no_progress)
+    report = run_demo(cfg)
+    print(format_summary(report))
+    print(f"report written to {cfg.out / 'report.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hbt", description="Hessian-based toolbox: influence, RelatIF, RUE, LEES.")
+    parser.add_argument("--version", action="version", version=f"scalable_hbt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the toolbox on the built-in Fermi-Hubbard example")
+    demo.add_argument("--quick", action="store_true", help="smaller training grid (100 points per phase)")
+    demo.add_argument("--out", default="hbt_demo_output", help="output folder (default: %(default)s)")
+    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for training and the RUE bootstrap")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

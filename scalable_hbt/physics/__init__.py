@@ -1,0 +1,73 @@
+"""Physics application: the paper's Fermi-Hubbard data and CNNs.
+
+* `hubbard`: exact diagonalisation of the half-filled 1D spinless Fermi-Hubbard ring
+  (ground states in the Fock basis, CDW-I order parameter, on-disk cache).
+* `datasets`: the paper's labelled training and test sets, min-max scaling, and the
+  sign-flip and permuted (out-of-distribution) variants.
+* `models`: the paper's 740-parameter CNN, a 1675-parameter size-invariant CNN with global
+  average pooling, and a seeded Adam + L-BFGS training routine.
+
+This subpackage imports nothing from the rest of `scalable_hbt`.
+"""
+
+from .datasets import (
+    PAPER_N_SIGN_FLIPPED,
+    PAPER_OOD_FRACTION,
+    V1_TRANSITION,
+    MinMaxScaler,
+    PhaseDataset,
+    flip_signs,
+    permute_components,
+    phase_labels,
+    test_grid,
+    test_set,
+    training_grid,
+    training_set,
+)
+from .hubbard import (
+    DEFAULT_FIELD,
+    CacheDir,
+    cdw_order_parameter,
+    default_cache_dir,
+    fock_basis,
+    ground_states,
+    hamiltonian,
+    site_occupations,
+)
+from .models import (
+    PaperCNN,
+    SizeInvariantCNN,
+    TrainingResult,
+    count_parameters,
+    paper_weight_decay,
+    train_model,
+)
+
+__all__ = [
+    "DEFAULT_FIELD",
+    "CacheDir",
+    "cdw_order_parameter",
+    "default_cache_dir",
+    "fock_basis",
+    "ground_states",
+    "hamiltonian",
+    "site_occupations",
+    "PAPER_N_SIGN_FLIPPED",
+    "PAPER_OOD_FRACTION",
+    "V1_TRANSITION",
+    "MinMaxScaler",
+    "PhaseDataset",
+    "flip_signs",
+    "permute_components",
+    "phase_labels",
+    "test_grid",
+    "test_set",
+    "training_grid",
+    "training_set",
+    "PaperCNN",
+    "SizeInvariantCNN",
+    "TrainingResult",
+    "count_parameters",
+    "paper_weight_decay",
+    "train_model",
+]
