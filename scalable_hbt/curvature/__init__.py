@@ -6,10 +6,14 @@ from typing import Any
 
 from ..errors import InputError
 from .base import CurvatureBackend, UnsupportedOperation
+from .cg import CGCurvature
 from .dense import DenseCurvature
+from .lanczos import LanczosCurvature, LowRankCurvature, lanczos_top
 
-INVERSE_BACKENDS: dict[str, type[CurvatureBackend]] = {"dense": DenseCurvature}
-EIGEN_BACKENDS: dict[str, type[CurvatureBackend]] = {"dense": DenseCurvature}
+INVERSE_BACKENDS: dict[str, type[CurvatureBackend]] = {
+    "dense": DenseCurvature, "cg": CGCurvature, "lowrank": LowRankCurvature}
+EIGEN_BACKENDS: dict[str, type[CurvatureBackend]] = {
+    "dense": DenseCurvature, "lanczos": LanczosCurvature, "lowrank": LowRankCurvature}
 
 
 def make_backend(name: str | CurvatureBackend, role: str, options: dict[str, Any] | None = None) -> CurvatureBackend:
@@ -22,5 +26,5 @@ def make_backend(name: str | CurvatureBackend, role: str, options: dict[str, Any
     return registry[name](**(options or {}))
 
 
-__all__ = ["CurvatureBackend", "DenseCurvature", "UnsupportedOperation", "INVERSE_BACKENDS",
+__all__ = ["CurvatureBackend", "DenseCurvature", "CGCurvature", "LanczosCurvature", "LowRankCurvature", "lanczos_top", "UnsupportedOperation", "INVERSE_BACKENDS",
            "EIGEN_BACKENDS", "make_backend"]

@@ -1,0 +1,107 @@
+"""Matrix-free backends (cg, lanczos, lowrank) against the dense oracle in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scalable_hbt import DenseCurvature, HessianOperator, IndefiniteDampingError, Toolbox
+from scalable_hbt.curvature import CGCurvature, LanczosCurvature, LowRankCurvature
+from conftest import make_problem
+
+
+@pytest.fixture(params=["mlp", "cnn"])
+def fitted(request):
+    obj = make_problem(request.param)
+    op = HessianOperator(obj)
+    dense = DenseCurvature().fit(op)
+    return obj, op, dense
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_cg_matches_dense_solve(fitted):
+    obj, op, dense = fitted
+    damping = -dense.min_eigenvalue() + 0.05
+    V = torch.randn(obj.num_params, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cg = CGCurvature(rtol=1e-10).fit(op)
+    X = cg.solve(V, damping)
+    assert _rel(X, dense.solve(V, damping)) <= 1e-6
+    assert cg.diagnostics["converged"] and cg.diagnostics["hvps"] > 0
+
+
+def test_cg_preconditioned_by_the_exact_inverse_converges_in_one_step(fitted):
+    obj, op, dense = fitted
+    damping = -dense.min_eigenvalue() + 0.05
+    V = torch.randn(obj.num_params, 3, dtype=torch.float64)
+    cg = CGCurvature(rtol=1e-8, preconditioner=dense).fit(op)
+    assert _rel(cg.solve(V, damping), dense.solve(V, damping)) <= 1e-6
+    assert cg.diagnostics["iterations"] <= 2
+
+
+def test_cg_detects_negative_curvature_and_suggests_damping():
+    obj = make_problem("cnn")
+    op = HessianOperator(obj)
+    lam_min = DenseCurvature().fit(op).min_eigenvalue()
+    assert lam_min < 0
+    cg = CGCurvature().fit(op)
+    with pytest.raises(IndefiniteDampingError, match="cg .*pᵀH_δp ≤ 0"):
+        # a right-hand side along the most negative eigenvector meets negative curvature at once
+        evals, evecs = torch.linalg.eigh(op.dense())
+        cg.solve(evecs[:, :1], 0.0)
+
+
+@pytest.mark.parametrize("method", ["torch", "scipy"])
+def test_lanczos_top_eigenpairs_match_dense(fitted, method):
+    obj, op, dense = fitted
+    m = 20
+    lanczos = LanczosCurvature(m=m, method=method, tol=1e-12).fit(op)
+    values, vectors = lanczos.eigh(m)
+    ref_values, ref_vectors = dense.eigh(m)
+    assert ((values - ref_values).abs() / ref_values.abs()).max() <= 1e-8
+    # angles between eigenvectors, where the eigenvalue is separated from its neighbours
+    gaps = torch.minimum((ref_values[:-1] - ref_values[1:]).abs()[1:], (ref_values[1:-1] - ref_values[2:]).abs())
+    separated = torch.cat([torch.tensor([True]), gaps > 1e-6 * ref_values.abs().max(), torch.tensor([False])])
+    cosines = (vectors * ref_vectors).sum(0).abs()
+    assert (1 - cosines[separated]).max() <= 1e-8
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(m, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_lees_from_lanczos_equals_dense():
+    obj = make_problem("cnn")
+    Xt, _ = obj.train.take(range(5))
+    exact = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
+    approx = Toolbox(obj, damping=1.0, inverse="dense", eigen="lanczos", eigen_options={"m": 20, "tol": 1e-12})
+    for kwargs in ({"m": 10}, {"threshold": 0.05}, {"m": "auto"}):
+        a, b = approx.extrapolation_score(Xt, **kwargs), exact.extrapolation_score(Xt, **kwargs)
+        assert approx.last_m == exact.last_m, kwargs
+        assert _rel(a, b) <= 1e-6, kwargs
+
+
+def test_lowrank_inverse_is_exact_on_its_span_and_with_full_rank(fitted):
+    obj, op, dense = fitted
+    M = obj.num_params
+    damping = -dense.min_eigenvalue() + 0.05
+    full = LowRankCurvature(m=M, tol=1e-12).fit(op)
+    V = torch.randn(M, 4, dtype=torch.float64)
+    assert _rel(full.solve(V, damping), dense.solve(V, damping)) <= 1e-7
+    low = LowRankCurvature(m=5).fit(op)
+    _, top = dense.eigh(5)
+    assert _rel(low.solve(top, damping), dense.solve(top, damping)) <= 1e-7
+
+
+def test_toolbox_with_cg_matches_dense_influence():
+    obj = make_problem("mlp")
+    Xt, yt = obj.train.take(range(4))
+    exact = Toolbox(obj, damping="auto")
+    cg = Toolbox(obj, damping=exact.damping, inverse="cg", eigen="lanczos")
+    assert _rel(cg.influence(Xt, yt), exact.influence(Xt, yt)) <= 1e-6
+    assert _rel(cg.relatif(Xt, yt), exact.relatif(Xt, yt)) <= 1e-6
+    assert _rel(cg.rue(Xt, yt, method="analytic"), exact.rue(Xt, yt, method="analytic")) <= 1e-6
+    auto = Toolbox(obj, damping="auto", inverse="cg", eigen="lanczos")  # λ_min by ARPACK
+    assert auto.damping == pytest.approx(exact.damping, abs=1e-6)
+    np.testing.assert_allclose(cg.rue(Xt, yt, n_bootstrap=10, seed=3).numpy(),
+                               exact.rue(Xt, yt, n_bootstrap=10, seed=3).numpy(), rtol=1e-5)
