@@ -44,7 +44,7 @@ class Toolbox:
 
     def __init__(self, objective: Objective, damping: float | str = 0.2, inverse: str | CurvatureBackend = "dense",
                  eigen: str | CurvatureBackend = "dense", *, rue_damping: float | None = None,
-                 hvp_mode: HVPMode = "auto", max_vectors: int = 32,
+                 hvp_mode: HVPMode = "reverse-over-reverse", max_vectors: int = 32,
                  inverse_options: dict[str, Any] | None = None, eigen_options: dict[str, Any] | None = None) -> None:
         if not isinstance(objective, Objective):
             raise InputError(f"Toolbox needs an Objective; got {type(objective).__name__}.")

@@ -8,10 +8,13 @@ from ..errors import InputError
 from .base import CurvatureBackend, UnsupportedOperation
 from .cg import CGCurvature
 from .dense import DenseCurvature
+from .kfac import EKFACCurvature, KFACCurvature, KFACFallbackWarning
 from .lanczos import LanczosCurvature, LowRankCurvature, lanczos_top
+from .lissa import LiSSACurvature
 
 INVERSE_BACKENDS: dict[str, type[CurvatureBackend]] = {
-    "dense": DenseCurvature, "cg": CGCurvature, "lowrank": LowRankCurvature}
+    "dense": DenseCurvature, "cg": CGCurvature, "lissa": LiSSACurvature, "kfac": KFACCurvature,
+    "ekfac": EKFACCurvature, "lowrank": LowRankCurvature}
 EIGEN_BACKENDS: dict[str, type[CurvatureBackend]] = {
     "dense": DenseCurvature, "lanczos": LanczosCurvature, "lowrank": LowRankCurvature}
 
@@ -26,5 +29,6 @@ def make_backend(name: str | CurvatureBackend, role: str, options: dict[str, Any
     return registry[name](**(options or {}))
 
 
-__all__ = ["CurvatureBackend", "DenseCurvature", "CGCurvature", "LanczosCurvature", "LowRankCurvature", "lanczos_top", "UnsupportedOperation", "INVERSE_BACKENDS",
+__all__ = ["CurvatureBackend", "DenseCurvature", "CGCurvature", "LiSSACurvature", "KFACCurvature", "EKFACCurvature",
+           "KFACFallbackWarning", "LanczosCurvature", "LowRankCurvature", "lanczos_top", "UnsupportedOperation", "INVERSE_BACKENDS",
            "EIGEN_BACKENDS", "make_backend"]
