@@ -14,6 +14,7 @@ the LinearOperator adapter) and ``"cupy"`` (``cupyx.scipy.sparse.linalg.eigsh`` 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,65 +27,91 @@ from .base import CurvatureBackend
 _METHODS = ("torch", "scipy", "cupy")
 
 
-def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_iter: int | None = None,
-                seed: int = 0, check_every: int = 5) -> tuple[Tensor, Tensor, dict]:
-    """Top-m eigenpairs (algebraically largest first) of the symmetric operator ``hessian``.
+StopRule = Callable[[list, list, float], bool]
 
-    Returns values ``(m,)``, orthonormal vectors ``(M, m)`` and diagnostics (iterations,
-    HVPs, the largest relative Ritz residual).
+
+def lanczos_tridiagonal(hessian: HessianOperator, start: Tensor, max_iter: int, *,
+                        stop: StopRule | None = None,
+                        restart: torch.Generator | None = None) -> tuple[list[float], list[float], Tensor]:
+    """Lanczos with full reorthogonalisation from ``start`` (M,).
+
+    Returns the diagonal α (k,) and off-diagonal β (k−1,) of T_k = Q_kᵀ H Q_k and the basis
+    Q_k (M, k). After each step ``stop(alphas, betas, β_next)`` may end the iteration. When
+    the Krylov space becomes invariant (β ≈ 0), iteration ends, or, given a ``restart``
+    generator, continues from a fresh random vector orthogonal to Q_k (β = 0 in T).
     """
     M = hessian.shape[0]
-    if not 1 <= m <= M:
-        raise InputError(f"m must lie in [1, {M}]; got {m}.")
-    max_iter = min(M, max_iter or max(2 * m + 20, 50))
     dtype, device = hessian.dtype, hessian.device
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
     Q = torch.empty(M, max_iter + 1, dtype=dtype, device=device)
-    Q[:, 0] = q / q.norm()
+    Q[:, 0] = start.to(device=device, dtype=dtype) / start.norm()
     alphas: list[float] = []
     betas: list[float] = []
-    hvps0 = hessian.num_hvps
-    values = vectors_small = None
-    residual = float("inf")
     for j in range(max_iter):
         w = hessian.matvec(Q[:, j])
-        alpha = torch.dot(w, Q[:, j]).item()
-        alphas.append(alpha)
+        alphas.append(torch.dot(w, Q[:, j]).item())
         basis = Q[:, : j + 1]
         for _ in range(2):  # full reorthogonalisation, twice
             w = w - basis @ (basis.T @ w)
         beta = w.norm().item()
         k = j + 1
-        invariant = beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas))
-        if invariant and k < max_iter:
-            # The Krylov space is invariant (repeated eigenvalues, e.g. a null space): restart in its
-            # orthogonal complement with a fresh random vector; T stays block tridiagonal (β = 0).
-            w = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        if k == max_iter or (stop is not None and stop(alphas, betas, beta)):
+            break
+        if beta <= 1e-12 * max(1.0, max(abs(a) for a in alphas)):
+            if restart is None:
+                break
+            # Invariant Krylov space (repeated eigenvalues, e.g. a null space): continue in its complement.
+            w = torch.randn(M, generator=restart, dtype=torch.float64).to(device=device, dtype=dtype)
             for _ in range(2):
                 w = w - basis @ (basis.T @ w)
-            Q[:, j + 1] = w / w.norm()
-            betas.append(0.0)
-            continue
-        last = k == max_iter
-        if k >= m and (k % check_every == 0 or last):
-            T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-            theta, S = np.linalg.eigh(T)
-            values, vectors_small = theta[::-1][:m], S[:, ::-1][:, :m]
-            scale = max(abs(values[0]), 1e-300)
-            residual = float(np.max(np.abs(beta * vectors_small[-1, :])) / scale)
-            if residual <= tol or last:
-                break
-        betas.append(beta)
-        Q[:, j + 1] = w / beta
-    if values is None or len(values) < m:
+            beta_next, w = 0.0, w / w.norm()
+        else:
+            beta_next, w = beta, w / beta
+        betas.append(beta_next)
+        Q[:, j + 1] = w
+    return alphas, betas, Q[:, : len(alphas)]
+
+
+def tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
+    """The symmetric tridiagonal matrix T with diagonal α and off-diagonal β."""
+    return np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+
+
+def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_iter: int | None = None,
+                seed: int = 0, check_every: int = 5) -> tuple[Tensor, Tensor, dict]:
+    """Top-m eigenpairs (algebraically largest first) of the symmetric operator ``hessian``.
+
+    Iterates until the top m Ritz residuals |β_k s_{k,i}| are ≤ tol·|θ_1| (checked every
+    ``check_every`` steps). Returns values ``(m,)``, orthonormal vectors ``(M, m)`` and
+    diagnostics (iterations, HVPs, the largest relative Ritz residual).
+    """
+    M = hessian.shape[0]
+    if not 1 <= m <= M:
+        raise InputError(f"m must lie in [1, {M}]; got {m}.")
+    max_iter = min(M, max_iter or max(2 * m + 20, 50))
+    gen = torch.Generator().manual_seed(seed)
+    hvps0 = hessian.num_hvps
+    state: dict = {"residual": float("inf")}
+
+    def converged(alphas: list, betas: list, beta: float) -> bool:
+        k = len(alphas)
+        if k < m or (k % check_every and k != max_iter):
+            return False
+        theta, S = np.linalg.eigh(tridiagonal(alphas, betas))
+        top = S[:, ::-1][:, :m]
+        state["residual"] = float(np.max(np.abs(beta * top[-1, :])) / max(abs(theta[-1]), 1e-300))
+        return state["residual"] <= tol
+
+    start = torch.randn(M, generator=gen, dtype=torch.float64)
+    alphas, betas, Q = lanczos_tridiagonal(hessian, start, max_iter, stop=converged, restart=gen)
+    if len(alphas) < m:
         raise SolverDivergenceError(f"Lanczos stopped after {len(alphas)} iterations with fewer than m = {m} Ritz "
                                     "pairs; raise max_iter.")
-    k = len(alphas)
-    vectors = Q[:, :k] @ torch.as_tensor(vectors_small.copy(), dtype=dtype, device=device)
-    info = {"iterations": k, "hvps": hessian.num_hvps - hvps0, "max_relative_residual": residual,
-            "converged": residual <= tol}
-    return torch.as_tensor(values.copy(), dtype=dtype, device=device), vectors, info
+    theta, S = np.linalg.eigh(tridiagonal(alphas, betas))
+    values, small = theta[::-1][:m].copy(), S[:, ::-1][:, :m].copy()
+    vectors = Q @ torch.as_tensor(small, dtype=hessian.dtype, device=hessian.device)
+    info = {"iterations": len(alphas), "hvps": hessian.num_hvps - hvps0,
+            "max_relative_residual": state["residual"], "converged": state["residual"] <= tol}
+    return torch.as_tensor(values, dtype=hessian.dtype, device=hessian.device), vectors, info
 
 
 def _arpack_top(hessian: HessianOperator, m: int, tol: float, seed: int) -> tuple[Tensor, Tensor, dict]:
