@@ -1,0 +1,347 @@
+"""Every curvature backend against the dense oracle on the paper's 740-parameter Conv1d CNN
+(L = 12 spinless Fermi-Hubbard, reduced grid: 100 points per phase → n = 200), trained to a
+minimum in float64 with the paper's weight decay wd = 0.05 / n.
+
+All tests are slow (one dense fit of M = 740, ≈ 740 HVPs). Run with
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m pytest -m slow tests/test_paper_cnn.py -s
+
+The measured numbers are printed (lines starting with ``[paper_cnn]``) and tabulated in
+``benchmarks/BACKENDS.md``. A bound that is not met is kept as is and its test marked
+``xfail(strict=True)`` with the measured number in the reason.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from scalable_hbt import DenseCurvature, HessianOperator, Objective, Toolbox
+from scalable_hbt.curvature import CGCurvature, EKFACCurvature, KFACCurvature, LanczosCurvature, LiSSACurvature
+from scalable_hbt.physics import MinMaxScaler, PaperCNN, paper_weight_decay, test_set, train_model, training_set
+
+pytestmark = pytest.mark.slow
+
+F64 = torch.float64
+N_PER_PHASE = 100
+
+
+def report(name: str, **values) -> None:
+    parts = []
+    for k, v in values.items():
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    print(f"[paper_cnn] {name}: " + ", ".join(parts), flush=True)
+
+
+def rel_cols(X: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over columns of ‖x − x_ref‖ / ‖x_ref‖."""
+    return ((X - ref).norm(dim=0) / ref.norm(dim=0)).max().item()
+
+
+class Setup:
+    pass
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory) -> Setup:
+    s = Setup()
+    s.t = {}
+    t0 = time.perf_counter()
+    cache = tmp_path_factory.mktemp("hubbard_cache")
+    train = training_set(12, N_PER_PHASE, cache_dir=cache, progress=False)
+    test = test_set(12, cache_dir=cache, progress=False)
+    s.t["data"] = time.perf_counter() - t0
+
+    scaler = MinMaxScaler.fit(train.amplitudes)
+    s.X, s.y = train.tensors(scaler, F64)
+    s.Xt, s.yt = test.tensors(scaler, F64)
+    s.v1 = np.asarray(test.v1)
+    n = len(s.X)
+    wd = paper_weight_decay(n)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    res = train_model(PaperCNN().to(F64), s.X, s.y, weight_decay=wd, epochs=40, lr=1e-2, seed=0, batch_size=50,
+                      progress=False)
+    s.t["training"] = time.perf_counter() - t0
+    s.train_result = res
+
+    s.obj = Objective(res.model, "cross_entropy", (s.X, s.y), weight_decay=wd, dtype=F64, batch_size=n,
+                      progress=False)
+    s.op = HessianOperator(s.obj)
+    t0 = time.perf_counter()
+    s.dense = DenseCurvature().fit(s.op)
+    s.t["dense_fit"] = time.perf_counter() - t0
+    s.dense_hvps = s.dense.diagnostics["hvps"]
+    lam = s.dense.eigenvalues
+    s.lambda_min, s.lambda_max = lam[0].item(), lam[-1].item()
+    s.damping = abs(s.lambda_min) + 0.01   # the paper's rule (= Toolbox(damping="auto") here)
+
+    # 5 test points: deep LL, inside LL, near the transition (V1 = 1), inside CDW, deep CDW
+    targets = [0.1, 0.5, 1.0, 3.0, 30.0]
+    s.picks = [int(np.argmin(np.abs(s.v1 - v))) for v in targets]
+    s.Gt = s.obj.gradients((s.Xt[s.picks], s.yt[s.picks]))          # (5, M), objective gradients
+    s.Gtrain = s.obj.gradients((s.X, s.y))                           # (n, M)
+    gen = torch.Generator().manual_seed(1)
+    s.Vrand = torch.randn(s.obj.num_params, 5, generator=gen, dtype=F64)
+    s.infl_exact = Toolbox(s.obj, damping=s.damping, inverse=s.dense, eigen=s.dense).influence(
+        s.Xt[s.picks], s.yt[s.picks])
+    with torch.no_grad():
+        acc = (res.model(s.Xt).argmax(1) == s.yt).double().mean().item()
+    report("setup", n=n, M=s.obj.num_params, wd=wd, objective=float(res.objective), grad_norm=float(res.grad_norm),
+           test_accuracy=acc, lambda_min=s.lambda_min, lambda_max=s.lambda_max,
+           lambda_2=lam[-2].item(), lambda_11=lam[-11].item(), lambda_21=lam[-21].item(), damping=s.damping,
+           dense_hvps=float(s.dense_hvps), data_s=s.t["data"], training_s=s.t["training"],
+           dense_fit_s=s.t["dense_fit"], test_v1=[round(float(s.v1[i]), 3) for i in s.picks])
+    return s
+
+
+def test_auto_damping_matches_paper_rule(cnn):
+    tb = Toolbox(cnn.obj, damping="auto", inverse=cnn.dense, eigen=cnn.dense)
+    assert tb.damping == pytest.approx(cnn.damping, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- 1. CG
+def test_cg_matches_dense(cnn):
+    ref_r = cnn.dense.solve(cnn.Vrand, cnn.damping)
+    ref_t = cnn.dense.solve(cnn.Gt.T, cnn.damping)
+    cg = CGCurvature(rtol=1e-10, max_iter=2000).fit(cnn.op)
+    t0 = time.perf_counter()
+    X_r = cg.solve(cnn.Vrand, cnn.damping)
+    d_r = dict(cg.diagnostics)
+    X_t = cg.solve(cnn.Gt.T, cnn.damping)
+    d_t = dict(cg.diagnostics)
+    secs = time.perf_counter() - t0
+    e_r, e_t = rel_cols(X_r, ref_r), rel_cols(X_t, ref_t)
+    report("cg", err_random=e_r, err_test_grads=e_t, iters_random=d_r["iterations"], iters_test=d_t["iterations"],
+           hvps_random=float(d_r["hvps"]), hvps_test=float(d_t["hvps"]), seconds=secs,
+           converged=d_r["converged"] and d_t["converged"])
+    assert d_r["converged"] and d_t["converged"]
+    assert e_r <= 1e-6 and e_t <= 1e-6
+
+
+# --------------------------------------------------------------------------- 2. LiSSA
+# Full-batch recursion (batch_size = n, one of the documented modes): on this CNN the spectrum is
+# λ_max ≈ 1.9e3 ≫ λ_2 ≈ 0.03, so mini-batch Hessians on the deflated complement still reach
+# λ_B ≈ 2 (b = n/4), the automatic scale becomes s ≈ 1.6 and the automatic depth ≈ 1500 steps
+# (κ = s/(λ_min + δ) ≈ 160) — minutes on 2 cores. Full batch keeps s ≈ 1.1(λ_11 + δ).
+# lanczos_tol must be tight: the Ritz tolerance is relative to λ_max, and with the default 1e-6
+# the fit stops after 15 Lanczos steps with wrong λ_2..λ_10 (the huge top eigenvalue converges
+# first and the rest are not resolved), which breaks the deflation.
+LISSA_COMMON = dict(batch_size=2 * N_PER_PHASE, seed=0, progress=False, warn_residual=None, lanczos_tol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def lissa_runs(cnn):
+    """Deflated (k = 10, automatic scale and depth) and plain LiSSA with the same HVP budget."""
+    ref = cnn.dense.solve(cnn.Gt.T, cnn.damping)
+    out = {}
+    op = HessianOperator(cnn.obj)
+    t0 = time.perf_counter()
+    defl = LiSSACurvature(deflate=10, target=1e-4, **LISSA_COMMON).fit(op)
+    X = defl.solve(cnn.Gt.T, cnn.damping)
+    out["deflated"] = dict(backend=defl, err=rel_cols(X, ref), diag=dict(defl.diagnostics),
+                           seconds=time.perf_counter() - t0)
+    budget = out["deflated"]["diag"]["hvps_with_fit"]
+    # the same, converged further (target 1e-8): for the influence rankings
+    op_t = HessianOperator(cnn.obj)
+    t0 = time.perf_counter()
+    tight = LiSSACurvature(deflate=10, target=1e-8, **LISSA_COMMON).fit(op_t)
+    X = tight.solve(cnn.Gt.T, cnn.damping)
+    out["deflated_target1e-8"] = dict(backend=tight, err=rel_cols(X, ref), diag=dict(tight.diagnostics),
+                                      seconds=time.perf_counter() - t0)
+    # plain: same options, no deflation (automatic scale from λ_max); depth set so fit + solve use the same budget
+    op2 = HessianOperator(cnn.obj)
+    t0 = time.perf_counter()
+    plain = LiSSACurvature(deflate=0, depth=1, **LISSA_COMMON).fit(op2)  # depth set below
+    plain.depth = max(1, int((budget - plain.fit_hvps - 5.0) / 5.0))     # 5 columns per full-batch step, + residual
+    X = plain.solve(cnn.Gt.T, cnn.damping)
+    out["plain"] = dict(backend=plain, err=rel_cols(X, ref), diag=dict(plain.diagnostics),
+                        seconds=time.perf_counter() - t0)
+    # the issue's anchor: plain LiSSA, 100 mini-batch steps of b = n/4 (automatic scale, no control variate)
+    op3 = HessianOperator(cnn.obj)
+    t0 = time.perf_counter()
+    classic = LiSSACurvature(deflate=0, depth=100, batch_size=N_PER_PHASE * 2 // 4, seed=0, progress=False,
+                             warn_residual=None).fit(op3)
+    X = classic.solve(cnn.Gt.T, cnn.damping)
+    out["plain_minibatch_100"] = dict(backend=classic, err=rel_cols(X, ref), diag=dict(classic.diagnostics),
+                                      seconds=time.perf_counter() - t0)
+    for name, r in out.items():
+        d = r["diag"]
+        report(f"lissa[{name}]", err=r["err"], depth=d["depth"], scale=d["scale"], batch_size=d["batch_size"],
+               solve_hvps=float(d["lissa_hvps"]), fit_hvps=float(d["fit_hvps"]), total_hvps=float(d["hvps_with_fit"]),
+               lambda_top_complement=d["lambda_top_complement"], lambda_min_est=d["lambda_min_estimate"],
+               seconds=r["seconds"])
+    return out
+
+
+def test_lissa_deflated_matches_dense(cnn, lissa_runs):
+    d = lissa_runs["deflated"]
+    assert d["diag"]["deflated"] == 10
+    assert d["err"] <= 1e-2
+
+
+def test_lissa_plain_same_budget_is_worse(cnn, lissa_runs):
+    """Recorded side by side; plain LiSSA's error with the deflated run's budget (not bounded by the issue)."""
+    p, d = lissa_runs["plain"], lissa_runs["deflated"]
+    assert p["diag"]["hvps_with_fit"] <= 1.1 * d["diag"]["hvps_with_fit"]
+    assert p["err"] > d["err"]
+
+
+NOISE_FLOOR = (
+    "the influence rows of this trained CNN are near-ties at the float64 noise floor (most training points are "
+    "saturated, so g_r ≈ wd·θ̃ is the same vector for them): the control, CG at rtol 1e-12 vs dense, gives min "
+    "Spearman 0.893 (V1 = 3.16), and CG vs two dense evaluations differing by ≤ 1e-18 gives 0.898 vs 0.980 (V1 = 0.11)")
+
+
+def _spearman_rows(infl, exact, top=None):
+    rhos = []
+    for a, b in zip(infl, exact):
+        a, b = a.numpy(), b.numpy()
+        if top is not None:
+            keep = np.argsort(-np.abs(b))[:top]
+            a, b = a[keep], b[keep]
+        rhos.append(float(spearmanr(a, b)[0]))
+    return rhos
+
+
+@pytest.mark.parametrize("run", [
+    pytest.param("deflated", marks=pytest.mark.xfail(strict=True, reason=(
+        "measured 2026-11-23: min Spearman 0.880 (V1 = 3.16; others 0.958, 0.966, 0.961, 1.000), solve error 1.6e-5; "
+        + NOISE_FLOOR))),
+    pytest.param("deflated_target1e-8", marks=pytest.mark.xfail(strict=True, reason=(
+        "measured 2026-11-23: min Spearman 0.887 (V1 = 3.16; others 0.931, 0.963, 0.955, 0.997), solve error 4.8e-10; "
+        + NOISE_FLOOR)))])
+def test_lissa_influence_rankings_spearman(cnn, lissa_runs, run):
+    lissa = lissa_runs[run]["backend"]
+    tb = Toolbox(cnn.obj, damping=cnn.damping, inverse=lissa, eigen=cnn.dense)
+    infl = tb.influence(cnn.Xt[cnn.picks], cnn.yt[cnn.picks])
+    rhos = _spearman_rows(infl, cnn.infl_exact)
+    top50 = _spearman_rows(infl, cnn.infl_exact, top=50)
+    # control: CG to rtol 1e-12, the same metric
+    cg = CGCurvature(rtol=1e-12, max_iter=2000).fit(HessianOperator(cnn.obj))
+    infl_cg = Toolbox(cnn.obj, damping=cnn.damping, inverse=cg, eigen=cnn.dense).influence(cnn.Xt[cnn.picks],
+                                                                                             cnn.yt[cnn.picks])
+    rhos_cg = _spearman_rows(infl_cg, cnn.infl_exact)
+    report(f"lissa[{run}] influence", spearman=[round(r, 4) for r in rhos], min_spearman=min(rhos),
+           spearman_top50=[round(r, 4) for r in top50],
+           control_cg_spearman=[round(r, 4) for r in rhos_cg],
+           max_abs_influence_diff=(infl - cnn.infl_exact).abs().max().item())
+    assert min(rhos) >= 0.95
+
+
+# --------------------------------------------------------------------------- 3. Lanczos
+@pytest.fixture(scope="module", params=["torch", "scipy"])
+def lanczos(cnn, request):
+    op = HessianOperator(cnn.obj)
+    t0 = time.perf_counter()
+    lz = LanczosCurvature(m=20, tol=1e-14, max_iter=400, method=request.param).fit(op)
+    secs = time.perf_counter() - t0
+    return request.param, lz, secs
+
+
+def test_lanczos_top20_eigenpairs(cnn, lanczos):
+    method, lz, secs = lanczos
+    vals, vecs = lz.eigh(20)
+    ref_vals, ref_vecs = cnn.dense.eigh(20)
+    rel = ((vals - ref_vals).abs() / ref_vals.abs()).max().item()
+    # separated eigenvalues: relative gap to both neighbours (among the top 21) ≥ 1 %
+    all_top = cnn.dense.eigenvalues.flip(0)[:21]
+    angles, sep = [], []
+    for i in range(20):
+        gap = min(abs(all_top[i] - all_top[j]).item() for j in (i - 1, i + 1) if 0 <= j < 21)
+        if gap / abs(all_top[i].item()) >= 1e-2:
+            cos = (vecs[:, i] @ ref_vecs[:, i]).abs().clamp(max=1.0).item()
+            angles.append(float(np.arccos(cos)))
+            sep.append(i)
+    report(f"lanczos[{method}]", max_rel_eig_err=rel, separated=sep, max_angle_separated=max(angles),
+           hvps=float(lz.diagnostics["hvps"]), iterations=lz.diagnostics.get("iterations"), seconds=secs)
+    assert rel <= 1e-8
+    assert max(angles) <= 1e-5
+
+
+@pytest.mark.parametrize("rule", [dict(m=10), dict(m=None, threshold=1e-3), dict(m=None, threshold=0.1)],
+                         ids=["m10", "threshold1e-3", "threshold0.1"])
+def test_lanczos_lees_matches_dense(cnn, lanczos, rule):
+    method, lz, _ = lanczos
+    ref_tb = Toolbox(cnn.obj, damping=cnn.damping, inverse=cnn.dense, eigen=cnn.dense)
+    tb = Toolbox(cnn.obj, damping=cnn.damping, inverse=cnn.dense, eigen=lz)
+    ref = ref_tb.extrapolation_score(cnn.Xt, **rule)
+    got = tb.extrapolation_score(cnn.Xt, **rule)
+    rel = ((got - ref).abs() / ref.abs()).max().item()
+    report(f"lanczos[{method}] LEES {rule}", m_dense=ref_tb.last_m, m_lanczos=tb.last_m, max_rel_err=rel)
+    assert tb.last_m == ref_tb.last_m
+    assert rel <= 1e-6
+
+
+# --------------------------------------------------------------------------- 4. K-FAC / EK-FAC
+def exact_ggn(obj: Objective) -> torch.Tensor:
+    """(1/n) Σ_i J_iᵀ Λ_i J_i + wd·I, J_i = ∂f(x_i)/∂θ, Λ_i = diag(p) − ppᵀ (softmax cross-entropy)."""
+    from torch.func import jacrev, vmap
+
+    X, _ = obj.train.take(range(obj.n))
+    theta = obj.theta.detach()
+    M = obj.num_params
+    ggn = torch.zeros(M, M, dtype=F64)
+    for s in range(0, obj.n, 50):
+        xb = X[s:s + 50]
+        J = vmap(lambda x: jacrev(lambda th: obj.forward(th, x[None])[0])(theta))(xb)   # (B, K, M)
+        with torch.no_grad():
+            p = torch.softmax(obj.forward(theta, xb), dim=1)                           # (B, K)
+        Lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+        ggn += torch.einsum("bkm,bkl,bln->mn", J, Lam, J)
+    return ggn / obj.n + obj.weight_decay * torch.eye(M, dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def kfac_results(cnn):
+    out = {}
+    ref_norms = cnn.dense.inverse_norms(cnn.Gtrain, cnn.damping)
+    t0 = time.perf_counter()
+    ggn = exact_ggn(cnn.obj)
+    ggn_s = time.perf_counter() - t0
+    Q, lam = cnn.dense.eigenvectors, cnn.dense.eigenvalues
+    H = (Q * lam) @ Q.T
+    report("exact GGN", seconds=ggn_s, rel_frob_ggn_vs_hessian=((ggn - H).norm() / H.norm()).item())
+    for cls in (KFACCurvature, EKFACCurvature):
+        op = HessianOperator(cnn.obj)
+        t0 = time.perf_counter()
+        kf = cls().fit(op)
+        norms = kf.inverse_norms(cnn.Gtrain, cnn.damping)
+        secs = time.perf_counter() - t0
+        tb = Toolbox(cnn.obj, damping=cnn.damping, inverse=kf, eigen=cnn.dense)
+        infl = tb.influence(cnn.Xt[cnn.picks], cnn.yt[cnn.picks])
+        approx = kf.dense_matrix()
+        r = dict(
+            norm_spearman=float(spearmanr(norms.numpy(), ref_norms.numpy())[0]),
+            infl_spearman=_spearman_rows(infl, cnn.infl_exact),
+            infl_spearman_top50=_spearman_rows(infl, cnn.infl_exact, top=50),
+            frob_vs_ggn=((approx - ggn).norm() / ggn.norm()).item(),
+            frob_vs_hessian=((approx - H).norm() / H.norm()).item(),
+            seconds=secs, passes=kf.diagnostics["passes"])
+        out[kf.name] = r
+        report(kf.name, normaliser_spearman=r["norm_spearman"], influence_spearman=[round(v, 4) for v in r["infl_spearman"]],
+               mean_influence_spearman=float(np.mean(r["infl_spearman"])),
+               influence_spearman_top50=[round(v, 4) for v in r["infl_spearman_top50"]], rel_frob_vs_ggn=r["frob_vs_ggn"],
+               rel_frob_vs_hessian=r["frob_vs_hessian"], passes=r["passes"], seconds=secs)
+    return out
+
+
+def test_kfac_ekfac_spearman_reported(kfac_results):
+    for name in ("kfac", "ekfac"):
+        r = kfac_results[name]
+        assert np.isfinite(r["norm_spearman"]) and all(np.isfinite(r["infl_spearman"]))
+
+
+def test_ekfac_at_least_as_close_as_kfac_to_ggn(kfac_results):
+    assert kfac_results["ekfac"]["frob_vs_ggn"] <= kfac_results["kfac"]["frob_vs_ggn"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured 2026-11-23: EK-FAC normaliser Spearman -0.034 vs K-FAC 0.826 (EK-FAC is closer in Frobenius: "
+    "0.716 vs 0.998 relative to the exact GGN)"))
+def test_ekfac_normaliser_spearman_at_least_kfac(kfac_results):
+    assert kfac_results["ekfac"]["norm_spearman"] >= kfac_results["kfac"]["norm_spearman"]
