@@ -1,0 +1,162 @@
+"""Fixtures of the benchmark suite: the paper's 740-parameter 1D CNN and a ~1M-parameter 2D CNN.
+
+Run with ``OMP_NUM_THREADS=1`` (set here if unset): on a small shared machine torch's
+OpenMP threads spin under contention and make timings meaningless. Every number the
+suite reports is a ratio of times measured interleaved in one process.
+
+``HBT_BENCH_QUICK=1`` cuts the rounds (a smoke run, not a measurement).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from dataclasses import dataclass, field  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from scalable_hbt import Objective  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+QUICK = os.environ.get("HBT_BENCH_QUICK", "") not in ("", "0")
+WEIGHT_DECAY = 5e-5
+
+
+# ---------------------------------------------------------------------------- models
+class _PaperCNNLocal(nn.Module):
+    """The paper's 1D CNN (figure 7(a)), used only if ``scalable_hbt.physics`` is unavailable."""
+
+    def __init__(self, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 5, kernel_size=15, padding=1), nn.MaxPool1d(4), nn.ReLU(),
+            nn.Conv1d(5, 8, kernel_size=5), nn.MaxPool1d(4), nn.ReLU(),
+            nn.Conv1d(8, 10, kernel_size=2, padding=1), nn.AvgPool1d(4), nn.ReLU(),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(140, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.dropout(self.features(x).flatten(1)))
+
+
+def paper_cnn() -> nn.Module:
+    """Conv1d(1→5,k15,p1)·MaxPool4·ReLU·Conv1d(5→8,k5)·MaxPool4·ReLU·Conv1d(8→10,k2,p1)·AvgPool4·ReLU·
+    Flatten(140)·Dropout·Linear(140→2): 740 parameters on inputs (1, 924)."""
+    try:
+        from scalable_hbt.physics.models import PaperCNN
+
+        return PaperCNN()
+    except Exception:  # the physics subpackage is optional for the engine
+        return _PaperCNNLocal()
+
+
+def cnn2d() -> nn.Module:
+    """A 2D CNN on 3×32×32 inputs with 994,394 parameters:
+
+    Conv2d(3→64, 3, p1) 1,792 · ReLU · MaxPool2 → Conv2d(64→128, 3, p1) 73,856 · ReLU · MaxPool2 →
+    Flatten(128·8·8 = 8192) → Linear(8192→112) 917,616 · ReLU → Linear(112→10) 1,130.
+    """
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 8 * 8, 112), nn.ReLU(), nn.Linear(112, 10),
+    )
+
+
+# ---------------------------------------------------------------------------- problems
+@dataclass
+class Problem:
+    """A model (eval mode, float32), its random training data and our Objective on it."""
+
+    name: str
+    model: nn.Module
+    X: Tensor
+    y: Tensor
+    batch_size: int
+    weight_decay: float
+    objective: Objective
+    rounds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.X)
+
+    @property
+    def num_params(self) -> int:
+        return self.objective.num_params
+
+    def loader(self) -> list[tuple[Tensor, Tensor]]:
+        """The same chunks our Objective iterates over, as a list of (X, y) batches for peers."""
+        return list(zip(self.X.split(self.batch_size), self.y.split(self.batch_size)))
+
+    def info(self) -> dict:
+        return {"model": self.name, "M": self.num_params, "n": self.n, "batch_size": self.batch_size,
+                "weight_decay": self.weight_decay, "dtype": "float32", "device": "cpu",
+                "threads": torch.get_num_threads()}
+
+
+def _rounds(full: dict[str, int]) -> dict[str, int]:
+    """Rounds per benchmark; a quick run keeps one round and no warm-up."""
+    if not QUICK:
+        return dict(full)
+    return {k: 0 if k.startswith("warmup") else min(v, 1) for k, v in full.items()}
+
+
+def _make(name: str, model: nn.Module, input_shape: tuple[int, ...], classes: int, n: int, batch_size: int,
+          expect_params: int, rounds: dict[str, int]) -> Problem:
+    torch.manual_seed(0)
+    model = model.float().eval()
+    M = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert M == expect_params, f"{name}: expected {expect_params} parameters, the model has {M}"
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(n, *input_shape, generator=gen)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    obj = Objective(model, "cross_entropy", (X, y), weight_decay=WEIGHT_DECAY, batch_size=batch_size,
+                    device="cpu", dtype=torch.float32, progress=False)
+    return Problem(name, model, X, y, batch_size, WEIGHT_DECAY, obj, _rounds(rounds))
+
+
+@pytest.fixture(scope="session")
+def paper_cnn_problem() -> Problem:
+    """The paper's 740-parameter CNN, n = 1000 random inputs (1, 924), one chunk of 1000."""
+    torch.manual_seed(0)
+    return _make("paper_cnn_740", paper_cnn(), (1, 924), 2, 1000, 1000, 740,
+                 {"hvp": 7, "warmup_hvp": 1, "batched_8": 3, "batched_32": 2, "warmup_batched": 1,
+                  "floor": 5, "influence": 3})
+
+
+@pytest.fixture(scope="session")
+def cnn2d_problem() -> Problem:
+    """The 994,394-parameter 2D CNN, n = 256 random inputs (3, 32, 32), chunks of 64."""
+    torch.manual_seed(0)
+    return _make("cnn2d_994k", cnn2d(), (3, 32, 32), 10, 256, 64, 994_394,
+                 {"hvp": 4, "warmup_hvp": 1, "batched_8": 2, "batched_32": 1, "warmup_batched": 0,
+                  "floor": 3, "influence": 0})
+
+
+@pytest.fixture(scope="session", params=["paper_cnn_740", "cnn2d_994k"])
+def problem(request) -> Problem:
+    return request.getfixturevalue({"paper_cnn_740": "paper_cnn_problem", "cnn2d_994k": "cnn2d_problem"}[request.param])
+
+
+@pytest.fixture(scope="session")
+def dense_cache() -> dict:
+    """Shares the dense fit of the 740-parameter CNN between the assembly and influence benchmarks."""
+    return {}
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["hbt"] = {
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_num_threads": torch.get_num_threads(),
+        "quick": QUICK,
+    }
