@@ -191,16 +191,30 @@ def test_lissa_plain_same_budget_is_worse(cnn, lissa_runs):
     assert p["err"] > d["err"]
 
 
-NOISE_FLOOR = (
-    "the influence rows of this trained CNN are near-ties at the float64 noise floor (most training points are "
-    "saturated, so g_r ≈ wd·θ̃ is the same vector for them): the control, CG at rtol 1e-12 vs dense, gives min "
-    "Spearman 0.893 (V1 = 3.16), and CG vs two dense evaluations differing by ≤ 1e-18 gives 0.898 vs 0.980 (V1 = 0.11)")
+TIE_LEVEL = 1e-6
 
 
-def _spearman_rows(infl, exact, top=None):
+def _resolved(exact_row: np.ndarray) -> np.ndarray:
+    """Training points whose exact influence is distinguishable from the bulk.
+
+    At this minimum ≈ 85 % of the training points are saturated: their loss gradient is
+    < 1e-9 of the largest, so g_r ≈ wd·θ̃ and their influences agree to ~1e-7 of the row's
+    spread. Their mutual order is float64 noise (CG at rtol 1e-12, 1e-12 away from dense,
+    ranks them with Spearman 0.89 against dense), so a rank correlation over them measures
+    nothing. Points whose influence differs from the row median by more than TIE_LEVEL of
+    the largest such difference carry a rank; the rest are one tie.
+    """
+    spread = np.abs(exact_row - np.median(exact_row))
+    return spread > TIE_LEVEL * spread.max()
+
+
+def _spearman_rows(infl, exact, top=None, resolved_only=False):
     rhos = []
     for a, b in zip(infl, exact):
         a, b = a.numpy(), b.numpy()
+        if resolved_only:
+            keep = _resolved(b)
+            a, b = a[keep], b[keep]
         if top is not None:
             keep = np.argsort(-np.abs(b))[:top]
             a, b = a[keep], b[keep]
@@ -208,29 +222,28 @@ def _spearman_rows(infl, exact, top=None):
     return rhos
 
 
-@pytest.mark.parametrize("run", [
-    pytest.param("deflated", marks=pytest.mark.xfail(strict=True, reason=(
-        "measured 2026-11-23: min Spearman 0.880 (V1 = 3.16; others 0.958, 0.966, 0.961, 1.000), solve error 1.6e-5; "
-        + NOISE_FLOOR))),
-    pytest.param("deflated_target1e-8", marks=pytest.mark.xfail(strict=True, reason=(
-        "measured 2026-11-23: min Spearman 0.887 (V1 = 3.16; others 0.931, 0.963, 0.955, 0.997), solve error 4.8e-10; "
-        + NOISE_FLOOR)))])
+@pytest.mark.parametrize("run", ["deflated", "deflated_target1e-8"])
 def test_lissa_influence_rankings_spearman(cnn, lissa_runs, run):
+    """Spearman ≥ 0.95 per test point over the training points whose influence is resolved
+    (see ``_resolved``); the tied bulk must agree in value instead."""
     lissa = lissa_runs[run]["backend"]
     tb = Toolbox(cnn.obj, damping=cnn.damping, inverse=lissa, eigen=cnn.dense)
     infl = tb.influence(cnn.Xt[cnn.picks], cnn.yt[cnn.picks])
-    rhos = _spearman_rows(infl, cnn.infl_exact)
-    top50 = _spearman_rows(infl, cnn.infl_exact, top=50)
-    # control: CG to rtol 1e-12, the same metric
+    rhos = _spearman_rows(infl, cnn.infl_exact, resolved_only=True)
+    rhos_all = _spearman_rows(infl, cnn.infl_exact)
+    resolved = [int(_resolved(b.numpy()).sum()) for b in cnn.infl_exact]
+    # control: CG to rtol 1e-12, the same metrics
     cg = CGCurvature(rtol=1e-12, max_iter=2000).fit(HessianOperator(cnn.obj))
     infl_cg = Toolbox(cnn.obj, damping=cnn.damping, inverse=cg, eigen=cnn.dense).influence(cnn.Xt[cnn.picks],
                                                                                              cnn.yt[cnn.picks])
-    rhos_cg = _spearman_rows(infl_cg, cnn.infl_exact)
-    report(f"lissa[{run}] influence", spearman=[round(r, 4) for r in rhos], min_spearman=min(rhos),
-           spearman_top50=[round(r, 4) for r in top50],
-           control_cg_spearman=[round(r, 4) for r in rhos_cg],
+    report(f"lissa[{run}] influence", spearman_resolved=[round(r, 4) for r in rhos], min_spearman=min(rhos),
+           resolved_points=resolved, spearman_all_points=[round(r, 4) for r in rhos_all],
+           control_cg_spearman_all=[round(r, 4) for r in _spearman_rows(infl_cg, cnn.infl_exact)],
+           control_cg_spearman_resolved=[round(r, 4) for r in _spearman_rows(infl_cg, cnn.infl_exact, resolved_only=True)],
            max_abs_influence_diff=(infl - cnn.infl_exact).abs().max().item())
     assert min(rhos) >= 0.95
+    rel = ((infl - cnn.infl_exact).norm(dim=1) / cnn.infl_exact.norm(dim=1)).max().item()
+    assert rel <= 1e-2
 
 
 # --------------------------------------------------------------------------- 3. Lanczos
@@ -317,13 +330,17 @@ def kfac_results(cnn):
         approx = kf.dense_matrix()
         r = dict(
             norm_spearman=float(spearmanr(norms.numpy(), ref_norms.numpy())[0]),
+            norm_spearman_resolved=_spearman_rows(norms[None], ref_norms[None], resolved_only=True)[0],
             infl_spearman=_spearman_rows(infl, cnn.infl_exact),
+            infl_spearman_resolved=_spearman_rows(infl, cnn.infl_exact, resolved_only=True),
             infl_spearman_top50=_spearman_rows(infl, cnn.infl_exact, top=50),
             frob_vs_ggn=((approx - ggn).norm() / ggn.norm()).item(),
             frob_vs_hessian=((approx - H).norm() / H.norm()).item(),
             seconds=secs, passes=kf.diagnostics["passes"])
         out[kf.name] = r
-        report(kf.name, normaliser_spearman=r["norm_spearman"], influence_spearman=[round(v, 4) for v in r["infl_spearman"]],
+        report(kf.name, normaliser_spearman=r["norm_spearman"], normaliser_spearman_resolved=r["norm_spearman_resolved"],
+               influence_spearman_resolved=[round(v, 4) for v in r["infl_spearman_resolved"]],
+               influence_spearman=[round(v, 4) for v in r["infl_spearman"]],
                mean_influence_spearman=float(np.mean(r["infl_spearman"])),
                influence_spearman_top50=[round(v, 4) for v in r["infl_spearman_top50"]], rel_frob_vs_ggn=r["frob_vs_ggn"],
                rel_frob_vs_hessian=r["frob_vs_hessian"], passes=r["passes"], seconds=secs)
@@ -341,7 +358,9 @@ def test_ekfac_at_least_as_close_as_kfac_to_ggn(kfac_results):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "measured 2026-11-23: EK-FAC normaliser Spearman -0.034 vs K-FAC 0.826 (EK-FAC is closer in Frobenius: "
-    "0.716 vs 0.998 relative to the exact GGN)"))
+    "measured 2026-11-23: EK-FAC normaliser Spearman -0.034 vs K-FAC 0.826 over all 200 points, 0.804 vs 0.882 "
+    "over the resolved (non-saturated) ones, although EK-FAC is closer in Frobenius norm (0.716 vs 0.998 relative "
+    "to the exact GGN): the normaliser is dominated by the flat directions, where δ = 0.038 and the eigenvalue "
+    "correction of the top-curvature directions does not help"))
 def test_ekfac_normaliser_spearman_at_least_kfac(kfac_results):
     assert kfac_results["ekfac"]["norm_spearman"] >= kfac_results["kfac"]["norm_spearman"]

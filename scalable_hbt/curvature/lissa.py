@@ -131,7 +131,10 @@ class LiSSACurvature(CurvatureBackend):
     warn_residual:
         Warn (``RuntimeWarning``) when the estimated relative residual exceeds this (``None``: never).
     lanczos_tol:
-        Relative Ritz-residual tolerance of the eigenvalue estimates made in ``fit``.
+        Relative Ritz-residual tolerance (relative to λ_max) of the eigenpairs computed in
+        ``fit``. Keep it tight: with one outlying eigenvalue (λ_max ≈ 1857 against λ_2 ≈ 0.03
+        on the paper's CNN) a loose tolerance stops Lanczos before λ_2..λ_k have converged
+        and deflation removes the wrong directions.
     check_curvature:
         Estimate λ_min(H) in ``fit`` (a short Lanczos run on −H). It sets the automatic depth and
         lets ``solve`` refuse a damping with λ_min + δ ≤ 0 at once; without it (or when the Ritz
@@ -149,7 +152,7 @@ class LiSSACurvature(CurvatureBackend):
                  max_depth: int = 5000, scale_margin: float = 1.1, scale_batches: int = 3,
                  sampling: Sampling = "replacement", tail_average: float = 0.0, target: float = 1e-3,
                  variance_reduction: bool = False, snapshot_every: int | None = None,
-                 estimate_residual: bool = True, warn_residual: float | None = 0.1, lanczos_tol: float = 1e-6,
+                 estimate_residual: bool = True, warn_residual: float | None = 0.1, lanczos_tol: float = 1e-10,
                  growth_limit: float = 10.0, check_every: int = 10, check_curvature: bool = True, progress: bool | None = None) -> None:
         super().__init__()
         if depth is not None and int(depth) < 1:
