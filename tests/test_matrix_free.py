@@ -105,3 +105,42 @@ def test_toolbox_with_cg_matches_dense_influence():
     assert auto.damping == pytest.approx(exact.damping, abs=1e-6)
     np.testing.assert_allclose(cg.rue(Xt, yt, n_bootstrap=10, seed=3).numpy(),
                                exact.rue(Xt, yt, n_bootstrap=10, seed=3).numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("inverse", ["dense", "cg", "lissa", "kfac", "ekfac", "lowrank"])
+@pytest.mark.parametrize("eigen", ["dense", "lanczos", "lowrank"])
+def test_every_backend_is_selectable_by_name(inverse, eigen):
+    obj = make_problem("mlp", n=24)
+    Xt, yt = obj.train.take(range(3))
+    options = {"lissa": {"batch_size": 24, "deflate": 5}, "lowrank": {"m": 10}}
+    tb = Toolbox(obj, damping=2.0, inverse=inverse, eigen=eigen, inverse_options=options.get(inverse),
+                 eigen_options={"m": 10} if eigen != "dense" else None)
+    assert tb.inverse.name == inverse and tb.eigen.name == eigen
+    assert tb.influence(Xt, yt).shape == (3, 24)
+    assert tb.extrapolation_score(Xt, m=3).shape == (3,)
+
+
+def test_cg_preconditioned_by_kfac_matches_dense_in_fewer_iterations():
+    from scalable_hbt.curvature import KFACCurvature
+
+    obj = make_problem("cnn")
+    op = HessianOperator(obj)
+    dense = DenseCurvature().fit(op)
+    damping = -dense.min_eigenvalue() + 0.05
+    V = torch.randn(obj.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    plain = CGCurvature(rtol=1e-10).fit(op)
+    pre = CGCurvature(rtol=1e-10, preconditioner=KFACCurvature()).fit(op)
+    assert _rel(pre.solve(V, damping), dense.solve(V, damping)) <= 1e-6
+    plain.solve(V, damping)
+    assert pre.diagnostics["iterations"] <= plain.diagnostics["iterations"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lanczos_cupy_matches_dense_on_gpu():
+    pytest.importorskip("cupy")
+    obj = make_problem("mlp", device="cuda")
+    op = HessianOperator(obj)
+    values, _ = LanczosCurvature(m=10, method="cupy", tol=1e-12).fit(op).eigh(10)
+    ref, _ = DenseCurvature().fit(op).eigh(10)
+    assert ((values - ref).abs() / ref.abs()).max() <= 1e-8
