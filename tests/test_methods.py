@@ -145,3 +145,12 @@ def test_extrapolation_auto_m_is_where_scores_converge():
     if m > 2:  # one step earlier has not converged for some test point
         assert not ((all_m[:, m - 1] - all_m[:, m + 4]) <= 1e-2 * all_m[:, m - 1]).all()
     assert m == m_converged(all_m)
+
+
+def test_rue_with_predicted_labels_keeps_the_labels_of_the_trained_model():
+    obj = make_problem("mlp")
+    Xt, _ = _test_points(obj)
+    tb = Toolbox(obj, damping=1.0)
+    pred = obj.forward(obj.theta, Xt).argmax(1)
+    torch.testing.assert_close(tb.rue(Xt, labels="predicted", n_bootstrap=8, seed=4),
+                               tb.rue(Xt, pred, n_bootstrap=8, seed=4))

@@ -64,8 +64,8 @@ def rue(objective: Objective, inverse: CurvatureBackend, damping: float, test: D
         raise InputError(f"method must be 'bootstrap' or 'analytic'; got {method!r}.")
     source = objective.source(test, y_test)
     if labels == "predicted":  # fix the labels at θ̃, not at the shifted parameters
-        targets = torch.cat([t for _, _, t in objective.batches(source, "predicted")])
-        source = objective.source(torch.cat([x for _, x, _ in objective.batches(source, "predicted")]), targets)
+        inputs, targets = zip(*[(x, t) for _, x, t in objective.batches(source, "predicted")])
+        source = objective.source(torch.cat(inputs), torch.cat(targets))
     weights = bootstrap_weights(objective.n, n_bootstrap, seed)
     shifts = bootstrap_shifts(objective, inverse, damping, weights)
     losses = torch.stack([
