@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from . import distributed
 from .data import Batch
 from .errors import InputError
 from .objective import Objective
@@ -182,7 +183,7 @@ class HessianOperator:
         out = torch.zeros_like(rows)
         for start, x, y in self.objective.batches(self.objective.train, desc=desc):
             out += self._rows_product(rows, x, y, key=start)
-        out = out / self.objective.n + self.objective.weight_decay * rows
+        out = distributed.all_reduce_sum(out) / self.objective.n + self.objective.weight_decay * rows
         self.num_hvps += rows.shape[0]
         return out[0] if vector else out.T
 
@@ -193,13 +194,18 @@ class HessianOperator:
     __matmul__ = matmat
 
     def minibatch_matmat(self, V: Tensor, indices: Tensor) -> Tensor:
-        """Mini-batch Hessian product ((1/b) Σ_{i∈B} ∇²loss_i + wd·I) V for the given sample indices."""
+        """Mini-batch Hessian product ((1/b) Σ_{i∈B} ∇²loss_i + wd·I) V for the given sample indices
+        (under ``torch.distributed`` the b samples are split across ranks and all-reduced)."""
         V, vector = self._check_vectors(V)
         rows = V.T.contiguous()
-        x_raw, y_raw = self.objective.train.take(indices)
-        x, y = self.objective.prepare(Batch(0, x_raw, y_raw), "true", "training data")
-        out = self._rows_product(rows, x, y) / len(x) + self.objective.weight_decay * rows
-        self.num_hvps += rows.shape[0] * len(x) / self.objective.n
+        mine = distributed.split_indices(torch.as_tensor(indices))
+        out = torch.zeros_like(rows)
+        if len(mine):
+            x_raw, y_raw = self.objective.train.take(mine)
+            x, y = self.objective.prepare(Batch(0, x_raw, y_raw), "true", "training data")
+            out = self._rows_product(rows, x, y)
+        out = distributed.all_reduce_sum(out) / len(indices) + self.objective.weight_decay * rows
+        self.num_hvps += rows.shape[0] * len(indices) / self.objective.n
         return out[0] if vector else out.T
 
     # ------------------------------------------------------------------ adapters

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from . import distributed
 from .data import Batch, DataLike, DataSource
 from .errors import InputError, TrainModeWarning
 from .losses import LossFn, check_per_sample, predicted_targets, resolve_loss
@@ -237,12 +238,19 @@ class Objective:
             check_per_sample(self.loss.fn(out, y), len(x), self.loss.name)
 
     def batches(self, source: DataSource, labels: Labels = "true", *, batch_size: int | None = None,
-                desc: str | None = None) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """Yield ``(start, x, targets)`` chunk by chunk, with a progress bar if ``desc``."""
+                desc: str | None = None, shard: bool = True) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Yield ``(start, x, targets)`` chunk by chunk, with a progress bar if ``desc``.
+
+        Under ``torch.distributed`` the training data yields only this rank's shard (see
+        :mod:`scalable_hbt.distributed`) unless ``shard=False``; callers all-reduce what
+        they accumulate.
+        """
         bs = batch_size or self.batch_size
-        it = source.batches(bs)
+        sharded = shard and source is self.train
+        start, stop = distributed.shard(len(source)) if sharded else (0, len(source))
+        it = source.batches(bs, start, stop)
         if desc is not None:
-            it = progress_bar(it, total=source.num_batches(bs), desc=desc, enabled=self.progress)
+            it = progress_bar(it, total=source.num_batches(bs, start, stop), desc=desc, enabled=self.progress)
         for batch in it:
             x, y = self.prepare(batch, labels, source.name)
             yield batch.start, x, y
@@ -276,14 +284,16 @@ class Objective:
 
     def iter_gradients(self, data: DataLike | DataSource, y: Tensor | None = None, *,
                        labels: Labels = "true", test_loss: TestLoss = "objective",
-                       desc: str | None = None) -> Iterator[tuple[int, Tensor]]:
+                       desc: str | None = None, shard: bool = True) -> Iterator[tuple[int, Tensor]]:
         """Stream per-sample gradients: yields ``(start, G)`` with ``G`` of shape ``(B, M)``.
 
         Only one chunk of gradients exists at a time, so memory is O(chunk·M), never n·M.
+        The training data is sharded across ranks unless ``shard=False`` (see :meth:`batches`).
         """
         _check_choice(test_loss, ("objective", "loss"), "test_loss")
         src = self.source(data, y)
-        for start, x, t in self.batches(src, labels, batch_size=self.per_sample_grad_chunk(), desc=desc):
+        for start, x, t in self.batches(src, labels, batch_size=self.per_sample_grad_chunk(), desc=desc,
+                                        shard=shard):
             yield start, self.batch_gradients(x, t, test_loss)
 
     def gradients(self, data: DataLike | DataSource, y: Tensor | None = None, *,
@@ -302,7 +312,7 @@ class Objective:
             total = torch.zeros_like(self.theta)
             for _, x, t in self.batches(self.train):
                 total += torch.func.grad(self.loss_sum)(self.theta, x, t)
-            return total / self.n + self.weight_decay * self.theta
+            return distributed.all_reduce_sum(total) / self.n + self.weight_decay * self.theta
         w = weights.to(device=self.device, dtype=self.dtype)
         squeeze = w.ndim == 1
         w = w.reshape(-1, w.shape[-1])
@@ -311,6 +321,7 @@ class Objective:
         total = torch.zeros(w.shape[0], self.num_params, device=self.device, dtype=self.dtype)
         for start, G in self.iter_gradients(self.train, desc="weighted gradients"):
             total += w[:, start:start + G.shape[0]] @ G
+        distributed.all_reduce_sum(total)
         total /= self.n
         return total[0] if squeeze else total
 

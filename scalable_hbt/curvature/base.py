@@ -39,6 +39,9 @@ class CurvatureBackend(ABC):
     """
 
     name: str = "abstract"
+    #: Whether ``solve`` applies full-data Hessian products. Under ``torch.distributed`` those
+    #: are collective operations, so every rank must call ``solve`` with the same columns.
+    collective_solve: bool = False
 
     def __init__(self) -> None:
         self.diagnostics: dict[str, Any] = {}

@@ -43,6 +43,7 @@ class CGCurvature(CurvatureBackend):
     """
 
     name = "cg"
+    collective_solve = True
 
     def __init__(self, rtol: float = 1e-10, max_iter: int | None = None,
                  preconditioner: Preconditioner | CurvatureBackend | None = None) -> None:

@@ -146,6 +146,7 @@ class LiSSACurvature(CurvatureBackend):
     """
 
     name = "lissa"
+    collective_solve = True
 
     def __init__(self, depth: int | None = None, batch_size: int | None = None, repeats: int = 1,
                  scale: float | None = None, deflate: int = 0, seed: int = 0, rtol: float | None = None, *,

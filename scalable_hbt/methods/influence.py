@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..curvature.base import CurvatureBackend
 from ..data import DataLike
 from ..objective import Labels, Objective, TestLoss
@@ -37,13 +38,19 @@ def _stream(objective: Objective, S: Tensor, normalizer: CurvatureBackend | None
     """Stream training gradients: returns (g_rᵀ s_t for all t, r) of shape (T, n) and,
     if a normaliser backend is given, ‖H_δ⁻¹ g_r‖ of shape (n,)."""
     n = objective.n
-    dots = torch.empty(S.shape[1], n, device=S.device, dtype=S.dtype)
-    norms = torch.empty(n, device=S.device, dtype=S.dtype) if normalizer is not None else None
+    separate = normalizer is not None and normalizer.collective_solve and distributed.active()
+    dots = torch.zeros(S.shape[1], n, device=S.device, dtype=S.dtype)
+    norms = torch.zeros(n, device=S.device, dtype=S.dtype) if normalizer is not None and not separate else None
     for start, G in objective.iter_gradients(objective.train, desc=desc):
         stop = start + G.shape[0]
         dots[:, start:stop] = S.T @ G.T
         if norms is not None:
             norms[start:stop] = normalizer.inverse_norms(G, damping)
+    distributed.all_reduce_sum(dots)  # each rank filled its shard's columns
+    if norms is not None:
+        distributed.all_reduce_sum(norms)
+    if separate:
+        norms = inverse_gradient_norms(objective, normalizer, damping)
     return dots, norms
 
 
@@ -66,11 +73,18 @@ def similarity(objective: Objective, inverse: CurvatureBackend, damping: float, 
 
 
 def inverse_gradient_norms(objective: Objective, normalizer: CurvatureBackend, damping: float) -> Tensor:
-    """The RelatIF normaliser ‖H_δ⁻¹ g_r‖ for every training point, shape ``(n,)``."""
-    norms = torch.empty(objective.n, device=objective.device, dtype=objective.dtype)
-    for start, G in objective.iter_gradients(objective.train, desc="RelatIF normaliser"):
+    """The RelatIF normaliser ‖H_δ⁻¹ g_r‖ for every training point, shape ``(n,)``.
+
+    Under ``torch.distributed`` each rank takes its shard, unless the normaliser's solve is
+    itself a collective (CG, LiSSA): then every rank walks all n points in the same order
+    so that the ranks' Hessian products match, and the per-rank shards of those products
+    do the splitting.
+    """
+    collective = normalizer.collective_solve and distributed.active()
+    norms = torch.zeros(objective.n, device=objective.device, dtype=objective.dtype)
+    for start, G in objective.iter_gradients(objective.train, desc="RelatIF normaliser", shard=not collective):
         norms[start:start + G.shape[0]] = normalizer.inverse_norms(G, damping)
-    return norms
+    return norms if collective else distributed.all_reduce_sum(norms)
 
 
 def relatif(objective: Objective, inverse: CurvatureBackend, damping: float, test: DataLike,
