@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import methods
+from .cache import CurvatureCache, fit_cached
 from .curvature import CurvatureBackend, make_backend
 from .data import DataLike
 from .errors import IndefiniteDampingError, InputError
@@ -40,12 +42,18 @@ class Toolbox:
         Passed to the :class:`HessianOperator`.
     inverse_options, eigen_options:
         Keyword arguments for the backends' constructors.
+    cache_dir:
+        Folder of the on-disk curvature cache (safetensors + JSON manifest per backend,
+        keyed by a fingerprint of parameters, data, loss, weight decay, damping and backend
+        settings); ``None`` = no cache. A second ``fit`` with the same inputs loads instead of
+        computing; a damaged entry is detected, announced and recomputed.
     """
 
     def __init__(self, objective: Objective, damping: float | str = 0.2, inverse: str | CurvatureBackend = "dense",
                  eigen: str | CurvatureBackend = "dense", *, rue_damping: float | None = None,
                  hvp_mode: HVPMode = "reverse-over-reverse", max_vectors: int = 32,
-                 inverse_options: dict[str, Any] | None = None, eigen_options: dict[str, Any] | None = None) -> None:
+                 inverse_options: dict[str, Any] | None = None, eigen_options: dict[str, Any] | None = None,
+                 cache_dir: str | Path | None = None) -> None:
         if not isinstance(objective, Objective):
             raise InputError(f"Toolbox needs an Objective; got {type(objective).__name__}.")
         if not (damping == "auto" or (isinstance(damping, (int, float)) and damping >= 0 and damping == damping)):
@@ -59,14 +67,13 @@ class Toolbox:
         self.eigen = self.inverse if same else make_backend(eigen, "eigen", eigen_options)
         self._normalizers: dict[str, CurvatureBackend] = {}
         self._damping: float | None = None if damping == "auto" else float(damping)
+        self.cache = None if cache_dir is None else CurvatureCache(cache_dir)
 
     # ------------------------------------------------------------------ fitting
     def fit(self) -> Toolbox:
         """Compute the curvature once (inverse and eigen backends) and settle the damping."""
-        if not self.inverse.fitted:
-            self.inverse.fit(self.hessian)
-        if not self.eigen.fitted:
-            self.eigen.fit(self.hessian)
+        for backend in (self.inverse, self.eigen):  # the same object twice is fine: fitted → skipped
+            fit_cached(backend, self.hessian, self.cache, self._cache_extra())
         lam_min = self._known_min_eigenvalue()
         if self._requested_damping == "auto":
             if lam_min is None:
@@ -75,6 +82,11 @@ class Toolbox:
         elif lam_min is not None and lam_min + self._damping <= 0:  # type: ignore[operator]
             raise IndefiniteDampingError(lam_min, self._damping, where="Toolbox.fit")  # type: ignore[arg-type]
         return self
+
+    def _cache_extra(self) -> dict[str, Any]:
+        """Toolbox settings that enter the cache key besides the objective and the backend."""
+        return {"damping": self._requested_damping, "hvp_mode": self.hessian.mode,
+                "max_vectors": self.hessian.max_vectors}
 
     def _known_min_eigenvalue(self) -> float | None:
         for backend in (self.inverse, self.eigen):
@@ -122,8 +134,7 @@ class Toolbox:
         else:
             backend = self._normalizers.get(normalizer) or make_backend(normalizer, "inverse")
             self._normalizers[normalizer] = backend
-        if not backend.fitted:
-            backend.fit(self.hessian)
+        fit_cached(backend, self.hessian, self.cache, self._cache_extra())
         return backend
 
     # ------------------------------------------------------------------ methods

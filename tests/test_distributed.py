@@ -31,6 +31,7 @@ def _compute() -> dict[str, torch.Tensor]:
         "influence": tb.influence(Xt, yt),
         "relatif": tb.relatif(Xt, yt),
         "rue": tb.rue(Xt, yt, n_bootstrap=5, seed=2),
+        "ekfac_relatif": tb.relatif(Xt, yt, normalizer="ekfac"),
     }
 
 

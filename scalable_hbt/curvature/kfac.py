@@ -97,6 +97,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
+from .. import distributed
 from ..errors import InputError
 from ..hessian import HessianOperator
 from ..objective import Objective
@@ -403,6 +404,10 @@ class KFACCurvature(CurvatureBackend):
             layer.G += torch.einsum("cbti,cbtj->ij", d, d)
 
         self._pass(obj, factors)
+        for layer in self.layers:  # under torch.distributed each rank saw its shard of the data
+            distributed.all_reduce_sum(layer.A)
+            distributed.all_reduce_sum(layer.G)
+        distributed.all_reduce_sum(self.diag)
         n = obj.n
         for layer in self.layers:
             layer.A /= n
@@ -431,7 +436,7 @@ class KFACCurvature(CurvatureBackend):
             finally:
                 self.diag_index = saved
             for layer in self.layers:
-                layer.S /= n
+                layer.S = distributed.all_reduce_sum(layer.S) / n
             passes = 2
         self._hessian = hessian
         kron = sum(layer.numel for layer in self.layers)
