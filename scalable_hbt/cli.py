@@ -13,11 +13,32 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_summary, run_demo
 
     cfg = DemoConfig(out=Path(args.out), quick=args.quick, device=args.device, seed=args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, figures=args.figures)
     report = run_demo(cfg)
     print(format_summary(report))
     print(f"report written to {cfg.out / 'report.json'}")
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .jobs import JobError, load_job, run_job
+
+    try:
+        run_job(load_job(args.job), dry_run=args.dry_run)
+    except JobError as err:
+        print(f"hbt run: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _figures(text: str) -> tuple[str, ...]:
+    """argparse type for ``--figures``."""
+    from .demo import parse_figures
+
+    try:
+        return parse_figures(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,8 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="hbt_demo_output", help="output folder (default: %(default)s)")
     demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed for training and the RUE bootstrap")
+    demo.add_argument("--figures", type=_figures, default=None, metavar="LIST",
+                      help="figures to draw: comma-separated fig3,fig4,fig5,fig6, or 'all' or 'none' "
+                           "(default: all; --quick: fig3,fig5,fig6)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
+    run = sub.add_parser("run", help="run a batch job described by a TOML file (resumable)")
+    run.add_argument("job", help="the job file, e.g. job.toml (see scalable_hbt.jobs.spec for the format)")
+    run.add_argument("--dry-run", action="store_true", help="validate the job and print the plan with memory estimates")
+    run.set_defaults(func=_run)
     return parser
 
 

@@ -1,0 +1,170 @@
+"""Batch jobs: validation, dry run, results equal to the library, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scalable_hbt import Objective, Toolbox
+from scalable_hbt.jobs import JobError, load_job, run_job
+from scalable_hbt.jobs.runner import read_results
+from jobs_fixture import make_mlp
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+
+
+def _write_problem(folder: Path, n: int = 60, T: int = 24) -> None:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = make_mlp().double()
+    torch.save(model.state_dict(), folder / "weights.pt")
+    X, y = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    Xt, yt = torch.randn(T, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (T,), generator=g)
+    np.savez(folder / "train.npz", X=X.numpy(), y=y.numpy())
+    torch.save({"X": Xt, "y": yt}, folder / "test.pt")
+
+
+JOB = """
+[model]
+factory = "jobs_fixture:make_mlp"
+state_dict = "weights.pt"
+
+[data]
+train = "train.npz"
+test = "test.pt"
+
+[objective]
+loss = "cross_entropy"
+weight_decay = 0.01
+batch_size = 16
+dtype = "float64"
+
+[curvature]
+damping = 1.0
+inverse = "cg"
+eigen = "lanczos"
+inverse_options = {{ rtol = 1e-12 }}
+eigen_options = {{ m = 8 }}
+
+[methods]
+run = {methods}
+rue = {{ n_bootstrap = {bootstrap}, seed = 3 }}
+lees = {{ m = 4 }}
+
+[output]
+dir = "{out}"
+chunk_size = {chunk}
+"""
+
+
+def _job(folder: Path, out: str = "out", chunk: int = 5, methods: str = '["influence", "relatif", "rue", "lees"]',
+         bootstrap: int = 4) -> Path:
+    path = folder / "job.toml"
+    path.write_text(JOB.format(out=out, chunk=chunk, methods=methods, bootstrap=bootstrap))
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    _write_problem(tmp_path)
+    return tmp_path
+
+
+def test_results_equal_the_library(folder):
+    summary = run_job(load_job(_job(folder)), echo=lambda *_: None)
+    assert summary["chunks_computed"] == 5 * 4 and summary["chunks_skipped"] == 0
+    model = make_mlp().double()
+    model.load_state_dict(torch.load(folder / "weights.pt"))
+    with np.load(folder / "train.npz") as d:
+        train = (torch.from_numpy(d["X"]), torch.from_numpy(d["y"]))
+    test = torch.load(folder / "test.pt")
+    obj = Objective(model, "cross_entropy", train, weight_decay=0.01, batch_size=16, dtype=torch.float64,
+                    progress=False)
+    tb = Toolbox(obj, damping=1.0, inverse="cg", eigen="lanczos", inverse_options={"rtol": 1e-12},
+                 eigen_options={"m": 8})
+    np.testing.assert_allclose(read_results(folder / "out", "influence"), tb.influence(test["X"], test["y"]).numpy(),
+                               rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(read_results(folder / "out", "lees"), tb.extrapolation_score(test["X"], m=4).numpy(),
+                               rtol=1e-8)
+    assert read_results(folder / "out", "rue").shape == (24,)
+    # a second run computes nothing and loads the curvature from the cache
+    again = run_job(load_job(_job(folder)), echo=lambda *_: None)
+    assert again["chunks_computed"] == 0 and again["chunks_skipped"] == 20
+
+
+def test_dry_run_prints_the_plan_with_memory(folder):
+    lines: list[str] = []
+    info = run_job(load_job(_job(folder)), dry_run=True, echo=lines.append)
+    assert info["chunks"] == 5 and info["num_params"] == 43
+    text = "\n".join(lines)
+    assert "5 chunks of 5" in text and "memory influence_rows_per_chunk" in text
+    assert not (folder / "out").exists()
+
+
+def test_a_different_job_is_refused_in_the_same_output_folder(folder):
+    run_job(load_job(_job(folder, methods='["lees"]')), echo=lambda *_: None)
+    with pytest.raises(JobError, match="holds results of a different job"):
+        run_job(load_job(_job(folder, methods='["influence"]')), echo=lambda *_: None)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('[model]\nfactory = "jobs_fixture:make_mlp"\n', "[model]\n"), "exactly one of 'factory'"),
+    (lambda t: t.replace('weight_decay = 0.01', 'weight_decay = "big"'), r"\[objective\] weight_decay = 'big': expected a number"),
+    (lambda t: t.replace('inverse = "cg"', 'inverse = "magic"'), r"\[curvature\] inverse = 'magic': expected one of"),
+    (lambda t: t.replace('run = ["influence", "relatif", "rue", "lees"]', 'run = ["influence", "vibes"]'),
+     r"\[methods\] run = .*expected a non-empty list"),
+    (lambda t: t.replace('chunk_size = 5', 'chunk_size = 0'), r"\[output\] chunk_size = 0"),
+    (lambda t: t.replace('[data]', '[data]\nvalidation = "x.npz"'), r"\[data\] has unknown key\(s\) \['validation'\]"),
+    (lambda t: t.replace('train = "train.npz"', 'train = "train.csv"'), r"\[data\] train = 'train.csv'"),
+    (lambda t: t.replace('[output]\ndir = "out"', '[output]'), r"\[output\] needs the key 'dir'"),
+    (lambda t: t + "\n[extra]\n", r"\[job file\] has unknown key\(s\) \['extra'\]"),
+    (lambda t: t.replace("[model]", "[model"), "is not valid TOML"),
+])
+def test_malformed_job_files_name_the_key(folder, edit, message):
+    path = _job(folder)
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(JobError, match=message):
+        load_job(path)
+
+
+def _run_cli(job: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "scalable_hbt.cli", "run", str(job)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_killed_job_resumes_and_matches_an_uninterrupted_run(folder):
+    methods = '["influence", "rue"]'
+    reference = _job(folder, out="ref", chunk=1, methods=methods, bootstrap=200)
+    assert _run_cli(reference).wait(timeout=300) == 0
+
+    job = _job(folder, out="out", chunk=1, methods=methods, bootstrap=200)
+    proc = _run_cli(job)
+    first = folder / "out" / "rue" / "chunk-000000.npy"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert first.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no chunk written in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((folder / "out" / "rue").glob("chunk-*.npy"))
+    assert 1 <= len(done) < 24, "the job finished before it could be killed: make each chunk slower"
+    stamps = {p: p.stat().st_mtime_ns for p in done}
+    for p in done:  # every visible chunk file is whole (partial writes only ever have temporary names)
+        assert np.load(p).shape == (1,)
+
+    assert _run_cli(job).wait(timeout=300) == 0
+    for p, stamp in stamps.items():  # finished chunks were not recomputed
+        assert p.stat().st_mtime_ns == stamp
+    for method in ("influence", "rue"):
+        np.testing.assert_array_equal(read_results(folder / "out", method), read_results(folder / "ref", method))
