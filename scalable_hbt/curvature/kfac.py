@@ -104,6 +104,7 @@ from ..objective import Objective
 from .base import CurvatureBackend
 
 _F64 = torch.float64
+_CORRECTION_NUMBERS = 2**25  # per-sample rotated gradients held at once by the EK-FAC pass (256 MiB in float64)
 Unsupported = Literal["error", "diagonal"]
 
 
@@ -426,8 +427,11 @@ class KFACCurvature(CurvatureBackend):
             def corrected(layer: _Layer, a: Tensor, d: Tensor) -> None:
                 ar = a @ layer.QA                                   # (B, T, d_in)
                 dr = d @ layer.QG                                   # (R, B, T, out)
-                g = torch.einsum("cbto,bti->cboi", dr, ar)          # rotated per-sample gradients
-                layer.S += g.square().sum(dim=(0, 1))
+                # rotated per-sample gradients, a few samples at a time: (R, s, out, d_in) ≤ 2²⁵ numbers
+                step = max(1, _CORRECTION_NUMBERS // (dr.shape[0] * layer.out * layer.d_in))
+                for s0 in range(0, ar.shape[0], step):
+                    g = torch.einsum("cbto,bti->cboi", dr[:, s0:s0 + step], ar[s0:s0 + step])
+                    layer.S += g.square().sum(dim=(0, 1))
 
             saved = self.diag_index
             self.diag_index = saved[:0]  # the fallback diagonal is already known from pass 1
