@@ -144,3 +144,16 @@ def test_lanczos_cupy_matches_dense_on_gpu():
     values, _ = LanczosCurvature(m=10, method="cupy", tol=1e-12).fit(op).eigh(10)
     ref, _ = DenseCurvature().fit(op).eigh(10)
     assert ((values - ref).abs() / ref.abs()).max() <= 1e-8
+
+
+def test_thick_restarted_lanczos_with_a_small_basis_matches_dense(fitted):
+    from scalable_hbt.curvature import lanczos_top
+
+    obj, op, dense = fitted
+    values, vectors, info = lanczos_top(op, 5, tol=1e-11, basis_size=9, max_iter=2000)
+    assert info["restarts"] > 0 and info["converged"] and info["basis_size"] == 9
+    ref_values, ref_vectors = dense.eigh(5)
+    assert ((values - ref_values).abs() / ref_values.abs()).max() <= 1e-8
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
+    residual = op.matmat(vectors) - vectors * values
+    assert residual.norm(dim=0).max() <= 1e-9 * values.abs().max()

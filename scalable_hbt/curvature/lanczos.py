@@ -5,7 +5,9 @@ which H is tridiagonal, T_k = Q_kᵀ H Q_k; the Ritz pairs (θ_i, Q_k s_i) of T_
 first at the ends of the spectrum. Every new vector is reorthogonalised against all
 previous ones (twice, "twice is enough"), which keeps Q_k orthonormal to round-off and
 avoids ghost eigenvalues. A Ritz pair has residual ‖H y_i − θ_i y_i‖ = |β_k s_{k,i}|;
-iteration stops when the top m residuals are below ``tol · |θ_1|``.
+iteration stops when the top m residuals are below ``tol · |θ_1|``. The top-m solver
+restarts thickly (keeping the leading Ritz vectors) so that it never holds more than
+``basis_size`` vectors; stochastic Lanczos quadrature uses the plain tridiagonal recursion.
 
 Backends: ``"torch"`` (any device, the default), ``"scipy"`` (ARPACK ``eigsh`` through
 the LinearOperator adapter) and ``"cupy"`` (``cupyx.scipy.sparse.linalg.eigsh`` on CUDA).
@@ -77,41 +79,92 @@ def tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
 
 
 def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_iter: int | None = None,
-                seed: int = 0, check_every: int = 5) -> tuple[Tensor, Tensor, dict]:
-    """Top-m eigenpairs (algebraically largest first) of the symmetric operator ``hessian``.
+                seed: int = 0, basis_size: int | None = None) -> tuple[Tensor, Tensor, dict]:
+    """Top-m eigenpairs (algebraically largest first) of the symmetric operator ``hessian``
+    by thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
-    Iterates until the top m Ritz residuals |β_k s_{k,i}| are ≤ tol·|θ_1| (checked every
-    ``check_every`` steps). Returns values ``(m,)``, orthonormal vectors ``(M, m)`` and
-    diagnostics (iterations, HVPs, the largest relative Ritz residual).
+    At most ``basis_size`` vectors of length M are held (default m + max(10, m/2)), so the
+    memory is O(m·M) however many iterations convergence takes. Each step appends
+    H q_j orthogonalised (twice) against the basis Q and records the projections as
+    column j of T = QᵀHQ. When the basis is full, Rayleigh–Ritz on T keeps the leading
+    Ritz vectors Y = QS, and the last residual direction continues the Krylov space
+    (T becomes diag(θ) bordered by the coupling β·S_{k,:}). A Ritz pair's residual is
+    ‖H y_i − θ_i y_i‖ = β|S_{k,i}|; iteration stops when the top m are ≤ tol·|θ_1| or after
+    ``max_iter`` HVPs (default max(50, 20m)). Returns values ``(m,)``, orthonormal vectors
+    ``(M, m)`` and diagnostics (HVPs, restarts, the largest relative Ritz residual).
     """
     M = hessian.shape[0]
     if not 1 <= m <= M:
         raise InputError(f"m must lie in [1, {M}]; got {m}.")
-    max_iter = min(M, max_iter or max(2 * m + 20, 50))
+    k_max = min(M, basis_size or m + max(10, m // 2))
+    if k_max <= m and k_max < M:
+        raise InputError(f"basis_size must exceed m = {m}; got {basis_size}.")
+    max_iter = max_iter or max(50, 20 * m)
+    dtype, device = hessian.dtype, hessian.device
     gen = torch.Generator().manual_seed(seed)
+    Q = torch.empty(M, k_max, dtype=dtype, device=device)
+    T = np.zeros((k_max, k_max))
+    q = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    Q[:, 0] = q / q.norm()
     hvps0 = hessian.num_hvps
-    state: dict = {"residual": float("inf")}
-
-    def converged(alphas: list, betas: list, beta: float) -> bool:
-        k = len(alphas)
-        if k < m or (k % check_every and k != max_iter):
-            return False
-        theta, S = np.linalg.eigh(tridiagonal(alphas, betas))
-        top = S[:, ::-1][:, :m]
-        state["residual"] = float(np.max(np.abs(beta * top[-1, :])) / max(abs(theta[-1]), 1e-300))
-        return state["residual"] <= tol
-
-    start = torch.randn(M, generator=gen, dtype=torch.float64)
-    alphas, betas, Q = lanczos_tridiagonal(hessian, start, max_iter, stop=converged, restart=gen)
-    if len(alphas) < m:
-        raise SolverDivergenceError(f"Lanczos stopped after {len(alphas)} iterations with fewer than m = {m} Ritz "
-                                    "pairs; raise max_iter.")
-    theta, S = np.linalg.eigh(tridiagonal(alphas, betas))
-    values, small = theta[::-1][:m].copy(), S[:, ::-1][:, :m].copy()
-    vectors = Q @ torch.as_tensor(small, dtype=hessian.dtype, device=hessian.device)
-    info = {"iterations": len(alphas), "hvps": hessian.num_hvps - hvps0,
-            "max_relative_residual": state["residual"], "converged": state["residual"] <= tol}
-    return torch.as_tensor(values, dtype=hessian.dtype, device=hessian.device), vectors, info
+    k, steps, restarts = 1, 0, 0  # k: basis vectors held; the last one is expanded next
+    residual = float("inf")
+    while True:
+        w = hessian.matvec(Q[:, k - 1])
+        steps += 1
+        basis = Q[:, :k]
+        coeff = basis.T @ w
+        w = w - basis @ coeff
+        again = basis.T @ w  # second Gram–Schmidt pass ("twice is enough")
+        w = w - basis @ again
+        column = (coeff + again).to(torch.float64).cpu().numpy()
+        T[:k, k - 1] = column
+        T[k - 1, :k] = column
+        beta = w.norm().item()
+        invariant = beta <= 1e-12 * max(1.0, float(np.abs(np.diag(T)[:k]).max()))
+        full = k == k_max
+        if not (full or invariant or steps >= max_iter):
+            Q[:, k] = w / beta
+            T[k, k - 1] = T[k - 1, k] = beta
+            k += 1
+            continue
+        theta, S = np.linalg.eigh(T[:k, :k])
+        theta, S = theta[::-1], S[:, ::-1]
+        top = min(m, k)
+        residual = float(np.max(np.abs(beta * S[k - 1, :top])) / max(abs(theta[0]), 1e-300))
+        if k >= m and (residual <= tol or steps >= max_iter or k == M):
+            break
+        if invariant and not full:
+            # invariant Krylov space (repeated eigenvalues, e.g. a null space): grow it with a fresh direction
+            w = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            for _ in range(2):
+                w = w - basis @ (basis.T @ w)
+            Q[:, k] = w / w.norm()
+            k += 1
+            continue
+        # thick restart: keep the leading p Ritz vectors and continue from the residual direction
+        p = min(k - 1, m + (k_max - m) // 2)
+        S_keep = torch.as_tensor(S[:, :p].copy(), dtype=dtype, device=device)
+        for r0 in range(0, M, 1 << 16):  # Q[:, :p] = Q S_keep, in place by blocks of rows
+            Q[r0:r0 + (1 << 16), :p] = Q[r0:r0 + (1 << 16), :k] @ S_keep
+        coupling = 0.0 if invariant else beta
+        T[:] = 0.0
+        T[np.arange(p), np.arange(p)] = theta[:p]
+        T[p, :p] = T[:p, p] = coupling * S[k - 1, :p]
+        if invariant:
+            w = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+            for _ in range(2):
+                w = w - Q[:, :p] @ (Q[:, :p].T @ w)
+            Q[:, p] = w / w.norm()
+        else:
+            Q[:, p] = w / beta
+        k = p + 1
+        restarts += 1
+    values = theta[:m].copy()
+    vectors = Q[:, :k] @ torch.as_tensor(S[:, :m].copy(), dtype=dtype, device=device)
+    info = {"iterations": steps, "hvps": hessian.num_hvps - hvps0, "restarts": restarts, "basis_size": k_max,
+            "max_relative_residual": residual, "converged": residual <= tol}
+    return torch.as_tensor(values, dtype=dtype, device=device), vectors, info
 
 
 def _arpack_top(hessian: HessianOperator, m: int, tol: float, seed: int) -> tuple[Tensor, Tensor, dict]:
@@ -148,7 +201,9 @@ class LanczosCurvature(CurvatureBackend):
     tol:
         Relative Ritz-residual tolerance.
     max_iter:
-        Lanczos iterations at most (default max(2m + 20, 50), capped at M).
+        Hessian-vector products at most (default max(50, 20m)).
+    basis_size:
+        Lanczos vectors held at once (default m + max(10, m/2)); memory is basis_size·M.
     seed:
         Seed of the start vector.
     method:
@@ -158,18 +213,20 @@ class LanczosCurvature(CurvatureBackend):
     name = "lanczos"
 
     def __init__(self, m: int = 20, tol: float = 1e-10, max_iter: int | None = None, seed: int = 0,
-                 method: str = "torch") -> None:
+                 method: str = "torch", basis_size: int | None = None) -> None:
         super().__init__()
         if method not in _METHODS:
             raise InputError(f"method must be one of {_METHODS}; got {method!r}.")
         self.m, self.tol, self.max_iter, self.seed, self.method = int(m), tol, max_iter, seed, method
+        self.basis_size = basis_size
         self.values: Tensor | None = None
         self.vectors: Tensor | None = None
 
     def _compute(self, m: int) -> None:
         t0 = time.perf_counter()
         if self.method == "torch":
-            values, vectors, info = lanczos_top(self.hessian, m, tol=self.tol, max_iter=self.max_iter, seed=self.seed)
+            values, vectors, info = lanczos_top(self.hessian, m, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
+                                                basis_size=self.basis_size)
         elif self.method == "scipy":
             values, vectors, info = _arpack_top(self.hessian, m, self.tol, self.seed)
         else:
