@@ -13,7 +13,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, format_summary, run_demo
 
     cfg = DemoConfig(out=Path(args.out), quick=args.quick, device=args.device, seed=args.seed,
-                     progress=not args.no_progress, figures=args.figures)
+                     progress=not args.no_progress, figures=args.figures, size_comparison=args.size_comparison)
     report = run_demo(cfg)
     print(format_summary(report))
     print(f"report written to {cfg.out / 'report.json'}")
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--figures", type=_figures, default=None, metavar="LIST",
                       help="figures to draw: comma-separated fig3,fig4,fig5,fig6, or 'all' or 'none' "
                            "(default: all; --quick: fig3,fig5,fig6)")
+    demo.add_argument("--size-comparison", action="store_true",
+                      help="Fig. 6: also train the size-invariant CNN on 12 and 14 sites (about 3 extra minutes)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a batch job described by a TOML file (resumable)")

@@ -31,9 +31,9 @@ MIN_REMOVED = 2
 def scores_for_all_m(G: Tensor, V: Tensor) -> Tensor:
     """E_m for m = 0..k given test gradients ``G (T, M)`` and eigenvectors ``V (M, k)``
     (largest eigenvalue first); shape ``(T, k + 1)``."""
-    G64, V64 = G.to(torch.float64), V.to(torch.float64)
-    captured = torch.cumsum((G64 @ V64).square(), dim=1)
-    total = G64.square().sum(dim=1, keepdim=True)
+    # accumulate in float64 without copying V (M × k can be gigabytes): only (T, k) and (T,) are cast
+    captured = torch.cumsum((G @ V).to(torch.float64).square(), dim=1)
+    total = torch.linalg.vector_norm(G, dim=1, keepdim=True, dtype=torch.float64).square()
     residual = torch.cat([total, total - captured], dim=1).clamp_min(0)
     return residual.sqrt().to(G.dtype)
 
