@@ -17,7 +17,7 @@ def test_vgg_like_has_over_ten_million_parameters_at_full_width():
 def test_small_variant_runs_every_phase():
     report = large_network.run(width=0.125, n=32, n_test=3, m=6, batch_size=16, lissa_depth=5, seed=0,
                                progress=False)
-    assert set(report["phases"]) == {"lanczos top-m", "lissa fit", "lissa influence", "ekfac fit",
+    assert set(report["phases"]) == {"lanczos top-m", "lissa fit (scale)", "lissa influence", "ekfac fit",
                                      "ekfac normaliser", "lees"}
     assert report["influence_shape"] == [3, 32]
     assert len(report["lees"]) == 3 and all(v > 0 for v in report["lees"])

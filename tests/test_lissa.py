@@ -147,3 +147,15 @@ def test_influence_rankings_match_dense():
         rho = spearmanr(I_exact[t].numpy(), I_lissa[t].numpy()).statistic
         assert rho >= 0.95, (t, rho)
     assert approx.diagnostics["inverse"]["name"] == "lissa"
+
+
+def test_deflation_from_a_given_eigen_backend(fitted):
+    """With ``eigenpairs=`` the deflation basis comes from that backend: no Lanczos run of its own."""
+    _, obj, op, dense, damping, V, ref = fitted
+    own_X, own = _run(op, V, damping, deflate=10, batch_size=N, target=1e-8)
+    given_X, given = _run(op, V, damping, deflate=10, batch_size=N, target=1e-8, eigenpairs=dense)
+    assert _rel(given_X, ref) <= 1e-6 and _rel(own_X, ref) <= 1e-6
+    assert given["lanczos_iterations"] is None and own["lanczos_iterations"] > 0
+    assert given["fit_hvps"] < own["fit_hvps"]
+    torch.testing.assert_close(torch.tensor(given["lambda_deflated"], dtype=torch.float64), dense.eigh(10)[0],
+                               rtol=1e-12, atol=0)

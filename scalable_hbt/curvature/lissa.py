@@ -130,6 +130,11 @@ class LiSSACurvature(CurvatureBackend):
         Compute ‖(H + δI)x − v‖/‖v‖ with one full-data product at the end of ``solve``.
     warn_residual:
         Warn (``RuntimeWarning``) when the estimated relative residual exceeds this (``None``: never).
+    eigenpairs:
+        An eigen backend (e.g. the Toolbox's ``LanczosCurvature`` or ``DenseCurvature``) whose
+        top k + 1 eigenpairs are used for the deflation and the scale instead of a Lanczos run
+        of LiSSA's own: no second set of eigenvectors is computed or held. Its accuracy then
+        governs the deflation.
     lanczos_tol:
         Relative Ritz-residual tolerance (relative to λ_max) of the eigenpairs computed in
         ``fit``. Keep it tight: with one outlying eigenvalue (λ_max ≈ 1857 against λ_2 ≈ 0.03
@@ -154,7 +159,8 @@ class LiSSACurvature(CurvatureBackend):
                  sampling: Sampling = "replacement", tail_average: float = 0.0, target: float = 1e-3,
                  variance_reduction: bool = False, snapshot_every: int | None = None,
                  estimate_residual: bool = True, warn_residual: float | None = 0.1, lanczos_tol: float = 1e-10,
-                 growth_limit: float = 10.0, check_every: int = 10, check_curvature: bool = True, progress: bool | None = None) -> None:
+                 growth_limit: float = 10.0, check_every: int = 10, check_curvature: bool = True, progress: bool | None = None,
+                 eigenpairs: CurvatureBackend | None = None) -> None:
         super().__init__()
         if depth is not None and int(depth) < 1:
             raise InputError(f"depth must be ≥ 1; got {depth}.")
@@ -178,6 +184,7 @@ class LiSSACurvature(CurvatureBackend):
         self.max_depth, self.scale_margin, self.scale_batches = int(max_depth), float(scale_margin), int(scale_batches)
         self.sampling, self.tail_average, self.target = sampling, float(tail_average), float(target)
         self.estimate_residual, self.lanczos_tol = estimate_residual, lanczos_tol
+        self.eigenpairs = eigenpairs
         self.warn_residual = warn_residual
         self.growth_limit, self.check_every, self.progress = float(growth_limit), max(1, int(check_every)), progress
         self.check_curvature = bool(check_curvature)
@@ -201,8 +208,13 @@ class LiSSACurvature(CurvatureBackend):
         self.b = min(self.batch_size or hessian.objective.batch_size, n)
         need_top = self.scale is None or k > 0
         lanczos_info: dict = {}
-        if need_top:
+        if need_top and self.eigenpairs is not None:
+            if not self.eigenpairs.fitted:
+                self.eigenpairs.fit(hessian)
+            values, vectors = self.eigenpairs.eigh(k + 1)
+        elif need_top:
             values, vectors, lanczos_info = lanczos_top(hessian, k + 1, tol=self.lanczos_tol, seed=self.seed)
+        if need_top:
             self.values, self.vectors = values[:k], vectors[:, :k].contiguous()
             self.lambda_top = float(values[k])
         if self.scale is None and self.b < n and self.scale_batches > 0:
