@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed
 from .curvature import (CGCurvature, CurvatureBackend, DenseCurvature, KFACCurvature, LanczosCurvature,
                         LiSSACurvature)
 from .hessian import HessianOperator
@@ -599,7 +600,8 @@ def fit_cached(backend: CurvatureBackend, hessian: HessianOperator, cache: Curva
     if cache.load(key, backend, hessian):
         return True
     backend.fit(hessian)
-    cache.save(key, backend, parts)
+    if distributed.is_writer():  # every rank holds the same fit; one writes it
+        cache.save(key, backend, parts)
     return False
 
 

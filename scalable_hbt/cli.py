@@ -21,10 +21,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .distributed import process_group_from_environment
     from .jobs import JobError, load_job, run_job
 
     try:
-        run_job(load_job(args.job), dry_run=args.dry_run)
+        spec = load_job(args.job)
+        with process_group_from_environment(spec.objective.get("device", "cpu")):
+            run_job(spec, dry_run=args.dry_run)
     except JobError as err:
         print(f"hbt run: {err}", file=sys.stderr)
         return 2
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Fig. 6: also train the size-invariant CNN on 12 and 14 sites (about 3 extra minutes)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
-    run = sub.add_parser("run", help="run a batch job described by a TOML file (resumable)")
+    run = sub.add_parser("run", help="run a batch job described by a TOML file (resumable; "
+                                     "under torchrun the training data is sharded across the processes)")
     run.add_argument("job", help="the job file, e.g. job.toml (see scalable_hbt.jobs.spec for the format)")
     run.add_argument("--dry-run", action="store_true", help="validate the job and print the plan with memory estimates")
     run.set_defaults(func=_run)

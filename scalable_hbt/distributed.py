@@ -6,9 +6,18 @@ and the per-training-point arrays (influence columns, RelatIF norms) are then co
 with an all-reduce, so every rank ends with the same result as one process would. Test
 data and everything in parameter space (solves, Lanczos, eigendecompositions) are
 replicated: each rank computes them identically. Works with gloo on CPU and NCCL on GPU.
+
+``hbt run`` initialises the group itself when ``torchrun`` launched it
+(:func:`process_group_from_environment`); library users call
+``torch.distributed.init_process_group`` as usual.
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,4 +60,52 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "split_indices", "is_writer"]
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable objects; identity without a process group).
+
+    Used wherever the ranks must agree on a decision that reads shared files (which chunks
+    are finished, whether an output folder may be used) so that no rank races a writer."""
+    if not active():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment of ``torchrun`` (``WORLD_SIZE`` > 1) describes this process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_device(device: str | torch.device) -> torch.device:
+    """The device this rank computes on: a bare ``"cuda"`` becomes ``cuda:LOCAL_RANK`` under
+    ``torchrun`` (one GPU per process); anything else is returned unchanged."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and launched_by_torchrun():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+@contextmanager
+def process_group_from_environment(device: str | torch.device = "cpu") -> Iterator[None]:
+    """Initialise the default process group from ``torchrun``'s environment, and destroy it on
+    exit: NCCL for a CUDA ``device``, gloo otherwise. Does nothing outside ``torchrun`` or
+    when the caller has already initialised a group."""
+    if not launched_by_torchrun() or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    if not dist.is_available():
+        raise RuntimeError("torchrun launched this process, but this torch build has no torch.distributed; "
+                           "run without torchrun or install a torch build with distributed support.")
+    target = local_device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
+    dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "split_indices", "is_writer",
+           "broadcast_object", "launched_by_torchrun", "local_device", "process_group_from_environment"]

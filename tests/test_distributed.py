@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,7 +16,12 @@ import torch.multiprocessing as mp
 
 from scalable_hbt import HessianOperator, Toolbox
 from scalable_hbt.curvature import LanczosCurvature
+from scalable_hbt.jobs import load_job, run_job
+from scalable_hbt.jobs.runner import read_results
 from conftest import make_problem
+from jobs_fixture import write_job, write_problem
+
+TESTS = Path(__file__).parent
 
 WORLD = 2
 
@@ -67,3 +78,36 @@ def test_shards_cover_the_data_once(monkeypatch):
             start, stop = distributed.shard(37)
             covered.extend(range(start, stop))
         assert covered == list(range(37))
+
+
+def _torchrun(job: Path) -> dict:
+    """``torchrun --nproc-per-node 2 -m scalable_hbt.cli run job`` (gloo); returns its summary.json."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+           "-m", "scalable_hbt.cli", "run", str(job)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((job.parent / "sharded" / "summary.json").read_text())
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
+def test_hbt_run_under_torchrun_matches_one_process_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    write_problem(tmp_path)
+    run_job(load_job(write_job(tmp_path, out="single")), echo=lambda *_: None)
+    job = write_job(tmp_path, out="sharded")
+    summary = _torchrun(job)
+    assert summary["chunks_computed"] == 5 * 4 and summary["chunks_skipped"] == 0
+    methods = ("influence", "relatif", "rue", "lees")
+    for method in methods:
+        np.testing.assert_allclose(read_results(tmp_path / "sharded", method), read_results(tmp_path / "single", method),
+                                   rtol=1e-9, atol=1e-13, err_msg=method)
+    # resume: the ranks agree on the one missing chunk and recompute only it
+    kept = {m: (tmp_path / "sharded" / m / "chunk-000000.npy").stat().st_mtime_ns for m in methods}
+    (tmp_path / "sharded" / "rue" / "chunk-000002.npy").unlink()
+    before = {m: read_results(tmp_path / "single", m) for m in methods}
+    summary = _torchrun(job)
+    assert summary["chunks_computed"] == 1 and summary["chunks_skipped"] == 5 * 4 - 1
+    for m in methods:
+        assert (tmp_path / "sharded" / m / "chunk-000000.npy").stat().st_mtime_ns == kept[m]
+        np.testing.assert_allclose(read_results(tmp_path / "sharded", m), before[m], rtol=1e-9, atol=1e-13)

@@ -16,72 +16,21 @@ import torch
 from scalable_hbt import Objective, Toolbox
 from scalable_hbt.jobs import JobError, load_job, run_job
 from scalable_hbt.jobs.runner import read_results
-from jobs_fixture import make_mlp
+from jobs_fixture import make_mlp, write_job, write_problem
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 
 
-def _write_problem(folder: Path, n: int = 60, T: int = 24) -> None:
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = make_mlp().double()
-    torch.save(model.state_dict(), folder / "weights.pt")
-    X, y = torch.randn(n, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
-    Xt, yt = torch.randn(T, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (T,), generator=g)
-    np.savez(folder / "train.npz", X=X.numpy(), y=y.numpy())
-    torch.save({"X": Xt, "y": yt}, folder / "test.pt")
-
-
-JOB = """
-[model]
-factory = "jobs_fixture:make_mlp"
-state_dict = "weights.pt"
-
-[data]
-train = "train.npz"
-test = "test.pt"
-
-[objective]
-loss = "cross_entropy"
-weight_decay = 0.01
-batch_size = 16
-dtype = "float64"
-
-[curvature]
-damping = 1.0
-inverse = "cg"
-eigen = "lanczos"
-inverse_options = {{ rtol = 1e-12 }}
-eigen_options = {{ m = 8 }}
-
-[methods]
-run = {methods}
-rue = {{ n_bootstrap = {bootstrap}, seed = 3 }}
-lees = {{ m = 4 }}
-
-[output]
-dir = "{out}"
-chunk_size = {chunk}
-"""
-
-
-def _job(folder: Path, out: str = "out", chunk: int = 5, methods: str = '["influence", "relatif", "rue", "lees"]',
-         bootstrap: int = 4) -> Path:
-    path = folder / "job.toml"
-    path.write_text(JOB.format(out=out, chunk=chunk, methods=methods, bootstrap=bootstrap))
-    return path
-
-
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
-    _write_problem(tmp_path)
+    write_problem(tmp_path)
     return tmp_path
 
 
 def test_results_equal_the_library(folder):
-    summary = run_job(load_job(_job(folder)), echo=lambda *_: None)
+    summary = run_job(load_job(write_job(folder)), echo=lambda *_: None)
     assert summary["chunks_computed"] == 5 * 4 and summary["chunks_skipped"] == 0
     model = make_mlp().double()
     model.load_state_dict(torch.load(folder / "weights.pt"))
@@ -98,13 +47,13 @@ def test_results_equal_the_library(folder):
                                rtol=1e-8)
     assert read_results(folder / "out", "rue").shape == (24,)
     # a second run computes nothing and loads the curvature from the cache
-    again = run_job(load_job(_job(folder)), echo=lambda *_: None)
+    again = run_job(load_job(write_job(folder)), echo=lambda *_: None)
     assert again["chunks_computed"] == 0 and again["chunks_skipped"] == 20
 
 
 def test_dry_run_prints_the_plan_with_memory(folder):
     lines: list[str] = []
-    info = run_job(load_job(_job(folder)), dry_run=True, echo=lines.append)
+    info = run_job(load_job(write_job(folder)), dry_run=True, echo=lines.append)
     assert info["chunks"] == 5 and info["num_params"] == 43
     text = "\n".join(lines)
     assert "5 chunks of 5" in text and "memory influence_rows_per_chunk" in text
@@ -112,9 +61,9 @@ def test_dry_run_prints_the_plan_with_memory(folder):
 
 
 def test_a_different_job_is_refused_in_the_same_output_folder(folder):
-    run_job(load_job(_job(folder, methods='["lees"]')), echo=lambda *_: None)
+    run_job(load_job(write_job(folder, methods='["lees"]')), echo=lambda *_: None)
     with pytest.raises(JobError, match="holds results of a different job"):
-        run_job(load_job(_job(folder, methods='["influence"]')), echo=lambda *_: None)
+        run_job(load_job(write_job(folder, methods='["influence"]')), echo=lambda *_: None)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -131,7 +80,7 @@ def test_a_different_job_is_refused_in_the_same_output_folder(folder):
     (lambda t: t.replace("[model]", "[model"), "is not valid TOML"),
 ])
 def test_malformed_job_files_name_the_key(folder, edit, message):
-    path = _job(folder)
+    path = write_job(folder)
     path.write_text(edit(path.read_text()))
     with pytest.raises(JobError, match=message):
         load_job(path)
@@ -145,10 +94,10 @@ def _run_cli(job: Path) -> subprocess.Popen:
 
 def test_killed_job_resumes_and_matches_an_uninterrupted_run(folder):
     methods = '["influence", "rue"]'
-    reference = _job(folder, out="ref", chunk=1, methods=methods, bootstrap=200)
+    reference = write_job(folder, out="ref", chunk=1, methods=methods, bootstrap=200)
     assert _run_cli(reference).wait(timeout=300) == 0
 
-    job = _job(folder, out="out", chunk=1, methods=methods, bootstrap=200)
+    job = write_job(folder, out="out", chunk=1, methods=methods, bootstrap=200)
     proc = _run_cli(job)
     first = folder / "out" / "rue" / "chunk-000000.npy"
     deadline = time.time() + 240

@@ -10,8 +10,9 @@ Layout of the output folder::
 
 Each chunk file is written to a temporary name and renamed (atomic on POSIX), so a job
 killed at any moment leaves only whole files; started again with the same command it
-skips every finished chunk and loses nothing. Under ``torch.distributed`` all ranks work on
-the same chunk (the training data is sharded across them) and only rank 0 writes.
+skips every finished chunk and loses nothing. Under ``torch.distributed`` (``torchrun ... -m
+scalable_hbt.cli run JOB.toml``) all ranks work on the same chunk with the training data
+sharded across them; rank 0 decides which chunks are pending and is the only writer.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def load_data(spec: JobSpec, key: str) -> Any:
 def build_toolbox(spec: JobSpec, model: nn.Module, train: Any) -> Toolbox:
     o, c = spec.objective, spec.curvature
     obj = Objective(model, o.get("loss", "cross_entropy"), train, weight_decay=float(o.get("weight_decay", 0.0)),
-                    batch_size=int(o.get("batch_size", 256)), device=o.get("device", "cpu"),
-                    dtype=_DTYPES[o.get("dtype", "float32")], progress=distributed.is_writer())
+                    batch_size=int(o.get("batch_size", 256)),
+                    dtype=_DTYPES[o.get("dtype", "float32")], progress=distributed.is_writer(),
+                    device=distributed.local_device(o.get("device", "cpu")))
     return Toolbox(obj, damping=c.get("damping", "auto"), inverse=c.get("inverse", "cg"),
                    eigen=c.get("eigen", "lanczos"), rue_damping=c.get("rue_damping"),
                    inverse_options=c.get("inverse_options") or None, eigen_options=c.get("eigen_options") or None,
@@ -132,17 +134,34 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _check_output(spec: JobSpec, info: dict) -> None:
-    out = spec.output_dir
-    manifest = out / "job.json"
-    if manifest.exists():
-        previous = json.loads(manifest.read_text())
-        if previous.get("job_digest") != spec.digest or previous.get("n_test") != info["n_test"]:
-            raise JobError(
-                f"the output folder {str(out)!r} holds results of a different job (its job.json was written for "
-                f"{previous.get('job_file')!r} with another content); choose a new [output] dir or delete it.")
-    elif distributed.is_writer():
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(manifest, {"job_file": str(spec.path), "job_digest": spec.digest, **info})
+    """Refuse an output folder that holds another job's results; claim a new one (rank 0
+    decides and writes, every rank learns the verdict)."""
+    problem = None
+    if distributed.is_writer():
+        out = spec.output_dir
+        manifest = out / "job.json"
+        if manifest.exists():
+            previous = json.loads(manifest.read_text())
+            if previous.get("job_digest") != spec.digest or previous.get("n_test") != info["n_test"]:
+                problem = (
+                    f"the output folder {str(out)!r} holds results of a different job (its job.json was written for "
+                    f"{previous.get('job_file')!r} with another content); choose a new [output] dir or delete it.")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(manifest, {"job_file": str(spec.path), "job_digest": spec.digest, **info})
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise JobError(problem)
+
+
+def _pending(spec: JobSpec, methods: list[str], chunks: int) -> list[tuple[int, str]]:
+    """The (chunk, method) pairs whose file is not written yet, as rank 0 sees them (every rank
+    must run the same collective solves, so none decides from its own view of the folder)."""
+    todo = None
+    if distributed.is_writer():
+        todo = [(c, method) for c in range(chunks) for method in methods
+                if not (spec.output_dir / method / f"chunk-{c:06d}.npy").exists()]
+    return distributed.broadcast_object(todo)
 
 
 def _compute(tb: Toolbox, method: str, X: torch.Tensor, y: torch.Tensor | None, spec: JobSpec) -> np.ndarray:
@@ -192,28 +211,22 @@ def run_job(spec: JobSpec, *, dry_run: bool = False, echo=print) -> dict[str, An
     times["fit"] = time.perf_counter() - t0
     methods = info["methods"]
     for method in methods:
-        folder = spec.output_dir / method
-        folder.mkdir(parents=True, exist_ok=True)
+        times[method] = 0.0
         if distributed.is_writer():
+            folder = spec.output_dir / method
+            folder.mkdir(parents=True, exist_ok=True)
             for stale in folder.glob(".chunk-*.tmp"):  # left by a run killed mid-write
                 stale.unlink()
-        times[method] = 0.0
-    computed = skipped = 0
-    chunks = range(info["chunks"])
-    for c in progress_bar(chunks, total=len(chunks), desc="test chunks", enabled=distributed.is_writer()):
+    todo = _pending(spec, methods, info["chunks"])
+    skipped = info["chunks"] * len(methods) - len(todo)
+    for c, method in progress_bar(todo, total=len(todo), desc="test chunks", enabled=distributed.is_writer()):
         lo, hi = c * spec.chunk_size, min((c + 1) * spec.chunk_size, len(X_test))
-        Xc, yc = X_test[lo:hi], (y_test[lo:hi] if y_test is not None else None)
-        for method in methods:
-            target = spec.output_dir / method / f"chunk-{c:06d}.npy"
-            if target.exists():
-                skipped += 1
-                continue
-            t1 = time.perf_counter()
-            array = _compute(tb, method, Xc, yc, spec)
-            if distributed.is_writer():
-                _save_atomic(target, array)
-            times[method] += time.perf_counter() - t1
-            computed += 1
+        t1 = time.perf_counter()
+        array = _compute(tb, method, X_test[lo:hi], y_test[lo:hi] if y_test is not None else None, spec)
+        if distributed.is_writer():
+            _save_atomic(spec.output_dir / method / f"chunk-{c:06d}.npy", array)
+        times[method] += time.perf_counter() - t1
+    computed = len(todo)
     summary = {"job_file": str(spec.path), "plan": info, "seconds": times, "chunks_computed": computed,
                "chunks_skipped": skipped, "toolbox": tb.diagnostics}
     if distributed.is_writer():
