@@ -73,7 +73,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def run(width: float, n: int, n_test: int, m: int, batch_size: int, lissa_depth: int, seed: int,
-        progress: bool) -> dict:
+        progress: bool, lanczos_tol: float = 1e-3, lanczos_hvps: int = 150) -> dict:
     torch.manual_seed(seed)
     baseline = peak_rss()
     model = vgg_like(width).eval()
@@ -96,10 +96,11 @@ def run(width: float, n: int, n_test: int, m: int, batch_size: int, lissa_depth:
               f"peak RSS {format_bytes(peak_rss())}", flush=True)
         return out
 
-    lanczos = LanczosCurvature(m=m, tol=1e-6, max_iter=3 * m)
+    lanczos = LanczosCurvature(m=m, tol=lanczos_tol, max_iter=lanczos_hvps)
     lissa = LiSSACurvature(deflate=min(10, m), depth=lissa_depth, batch_size=max(1, n // 4), eigenpairs=lanczos,
                            check_curvature=False, warn_residual=None, progress=progress)
-    tb = Toolbox(obj, damping=1.0, inverse=lissa, eigen=lanczos)
+    # max_vectors=1: LiSSA solves one test column at a time, so its work arrays are a few M-vectors
+    tb = Toolbox(obj, damping=1.0, inverse=lissa, eigen=lanczos, max_vectors=1)
     phase("lanczos top-m", lambda: lanczos.fit(tb.hessian))
     phase("lissa fit (scale)", lambda: lissa.fit(tb.hessian))
     influence = phase("lissa influence", lambda: tb.influence(Xt, yt))
@@ -134,12 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--m", type=int, default=20, help="Lanczos eigenpairs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lissa-depth", type=int, default=20)
+    parser.add_argument("--lanczos-tol", type=float, default=1e-3, help="relative Ritz residual to stop at")
+    parser.add_argument("--lanczos-hvps", type=int, default=150, help="HVP budget of the Lanczos run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     report = run(args.width, args.n, args.n_test, args.m, args.batch_size, args.lissa_depth, args.seed,
-                 not args.no_progress)
+                 not args.no_progress, args.lanczos_tol, args.lanczos_hvps)
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2))
     return report

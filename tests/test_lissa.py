@@ -106,6 +106,18 @@ def test_same_seed_same_result_different_seed_different():
     assert not torch.allclose(a, c, rtol=0, atol=1e-12)
 
 
+def test_column_blocks_of_max_vectors_give_the_same_result():
+    """Solving the columns one at a time (``max_vectors=1``: the memory-lean setting) gives the
+    all-at-once result: every block sees the same mini-batch sequence."""
+    obj = make_problem("mlp", n=N)
+    V = torch.randn(obj.num_params, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    opts = dict(batch_size=N // 4, depth=60, deflate=5, variance_reduction=True, progress=False, seed=3)
+    together = LiSSACurvature(**opts).fit(HessianOperator(obj)).solve(V, 0.3)
+    lissa = LiSSACurvature(**opts).fit(HessianOperator(obj, max_vectors=1))
+    torch.testing.assert_close(lissa.solve(V, 0.3), together, rtol=1e-12, atol=1e-14)
+    assert lissa.diagnostics["column_blocks"] == 3
+
+
 def test_too_small_scale_raises_naming_a_scale():
     obj = make_problem("mlp", n=N)
     op = HessianOperator(obj)

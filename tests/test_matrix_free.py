@@ -33,6 +33,17 @@ def test_cg_matches_dense_solve(fitted):
     assert cg.diagnostics["converged"] and cg.diagnostics["hvps"] > 0
 
 
+def test_cg_in_column_blocks_of_max_vectors_matches_dense(fitted):
+    """max_vectors=2 splits 5 right-hand sides into blocks of 2, 2, 1: same solution, HVPs summed."""
+    obj, op, dense = fitted
+    damping = -dense.min_eigenvalue() + 0.05
+    V = torch.randn(obj.num_params, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    cg = CGCurvature(rtol=1e-10).fit(HessianOperator(obj, max_vectors=2))
+    assert _rel(cg.solve(V, damping), dense.solve(V, damping)) <= 1e-6
+    d = cg.diagnostics
+    assert d["converged"] and d["max_relative_residual"] <= 1e-10 and d["hvps"] > d["iterations"]
+
+
 def test_cg_preconditioned_by_the_exact_inverse_converges_in_one_step(fitted):
     obj, op, dense = fitted
     damping = -dense.min_eigenvalue() + 0.05
@@ -157,3 +168,5 @@ def test_thick_restarted_lanczos_with_a_small_basis_matches_dense(fitted):
     torch.testing.assert_close(vectors.T @ vectors, torch.eye(5, dtype=torch.float64), atol=1e-10, rtol=0)
     residual = op.matmat(vectors) - vectors * values
     assert residual.norm(dim=0).max() <= 1e-9 * values.abs().max()
+    # the Ritz vectors were formed in place: the result owns m columns, the rest of the basis is freed
+    assert vectors.untyped_storage().nbytes() == obj.num_params * 5 * vectors.element_size()

@@ -78,6 +78,68 @@ def tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
     return np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
 
 
+def basis_size_for(m: int, basis_size: int | None = None) -> int:
+    """Vectors the thick-restart Lanczos holds for m eigenpairs: ``basis_size`` or, by
+    default, m + max(10, m/2) (the peak memory of a top-m fit is this many M-vectors)."""
+    return basis_size or m + max(10, m // 2)
+
+
+class _Basis:
+    """The Lanczos basis Q (M × k_max) stored as two allocations, the first m columns
+    ("head") and the rest ("tail"), so that the m Ritz vectors can be formed in place in
+    the head and the tail freed: the peak is k_max vectors and the result holds only m."""
+
+    _ROWS = 1 << 16  # rows per block of an in-place rotation (k_max · 64 Ki entries of scratch)
+
+    def __init__(self, M: int, m: int, k_max: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.m = min(m, k_max)
+        self.head = torch.empty(M, self.m, dtype=dtype, device=device)
+        self.tail = torch.empty(M, k_max - self.m, dtype=dtype, device=device)
+
+    def _blocks(self, k: int) -> tuple[Tensor, Tensor]:
+        return self.head[:, :min(k, self.m)], self.tail[:, :max(0, k - self.m)]
+
+    def column(self, j: int) -> Tensor:
+        return self.head[:, j] if j < self.m else self.tail[:, j - self.m]
+
+    def set_column(self, j: int, v: Tensor) -> None:
+        self.column(j).copy_(v)
+
+    def coefficients(self, w: Tensor, k: int) -> Tensor:
+        """Q[:, :k]ᵀ w, shape (k,)."""
+        head, tail = self._blocks(k)
+        return torch.cat([head.T @ w, tail.T @ w])
+
+    def combine(self, c: Tensor, k: int) -> Tensor:
+        """Q[:, :k] c, shape (M,)."""
+        head, tail = self._blocks(k)
+        return head @ c[:head.shape[1]] + tail @ c[head.shape[1]:]
+
+    def orthogonalise(self, w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """w − Q Qᵀ w against the first k columns, twice ("twice is enough"); returns the
+        result and the summed coefficients Qᵀ w."""
+        coeff = self.coefficients(w, k)
+        w = w - self.combine(coeff, k)
+        again = self.coefficients(w, k)
+        return w - self.combine(again, k), coeff + again
+
+    def rotate(self, S: Tensor, k: int) -> None:
+        """Q[:, :p] ← Q[:, :k] S for S of shape (k, p), in place by blocks of rows."""
+        p = S.shape[1]
+        head, tail = self._blocks(k)
+        for r0 in range(0, head.shape[0], self._ROWS):
+            rows = slice(r0, r0 + self._ROWS)
+            new = torch.cat([head[rows], tail[rows]], dim=1) @ S
+            self.head[rows, :min(p, self.m)] = new[:, :self.m]
+            if p > self.m:
+                self.tail[rows, :p - self.m] = new[:, self.m:]
+
+    def release_head(self) -> Tensor:
+        """Free the tail and hand over the head (M × m)."""
+        self.tail = self.tail.new_empty(0, 0)
+        return self.head
+
+
 def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_iter: int | None = None,
                 seed: int = 0, basis_size: int | None = None) -> tuple[Tensor, Tensor, dict]:
     """Top-m eigenpairs (algebraically largest first) of the symmetric operator ``hessian``
@@ -90,41 +152,43 @@ def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_ite
     Ritz vectors Y = QS, and the last residual direction continues the Krylov space
     (T becomes diag(θ) bordered by the coupling β·S_{k,:}). A Ritz pair's residual is
     ‖H y_i − θ_i y_i‖ = β|S_{k,i}|; iteration stops when the top m are ≤ tol·|θ_1| or after
-    ``max_iter`` HVPs (default max(50, 20m)). Returns values ``(m,)``, orthonormal vectors
-    ``(M, m)`` and diagnostics (HVPs, restarts, the largest relative Ritz residual).
+    ``max_iter`` HVPs (default max(50, 20m)). The Ritz vectors are formed in place, so the
+    peak memory is ``basis_size`` vectors and the result keeps m. Returns values ``(m,)``,
+    orthonormal vectors ``(M, m)`` and diagnostics (HVPs, restarts, the largest relative
+    Ritz residual).
     """
     M = hessian.shape[0]
     if not 1 <= m <= M:
         raise InputError(f"m must lie in [1, {M}]; got {m}.")
-    k_max = min(M, basis_size or m + max(10, m // 2))
+    k_max = min(M, basis_size_for(m, basis_size))
     if k_max <= m and k_max < M:
         raise InputError(f"basis_size must exceed m = {m}; got {basis_size}.")
     max_iter = max_iter or max(50, 20 * m)
     dtype, device = hessian.dtype, hessian.device
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.empty(M, k_max, dtype=dtype, device=device)
+
+    def random_direction() -> Tensor:
+        return torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    Q = _Basis(M, m, k_max, dtype, device)
     T = np.zeros((k_max, k_max))
-    q = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    Q[:, 0] = q / q.norm()
+    q = random_direction()
+    Q.set_column(0, q / q.norm())
     hvps0 = hessian.num_hvps
     k, steps, restarts = 1, 0, 0  # k: basis vectors held; the last one is expanded next
     residual = float("inf")
     while True:
-        w = hessian.matvec(Q[:, k - 1])
+        w = hessian.matvec(Q.column(k - 1))
         steps += 1
-        basis = Q[:, :k]
-        coeff = basis.T @ w
-        w = w - basis @ coeff
-        again = basis.T @ w  # second Gram–Schmidt pass ("twice is enough")
-        w = w - basis @ again
-        column = (coeff + again).to(torch.float64).cpu().numpy()
+        w, coeff = Q.orthogonalise(w, k)
+        column = coeff.to(torch.float64).cpu().numpy()
         T[:k, k - 1] = column
         T[k - 1, :k] = column
         beta = w.norm().item()
         invariant = beta <= 1e-12 * max(1.0, float(np.abs(np.diag(T)[:k]).max()))
         full = k == k_max
         if not (full or invariant or steps >= max_iter):
-            Q[:, k] = w / beta
+            Q.set_column(k, w / beta)
             T[k, k - 1] = T[k - 1, k] = beta
             k += 1
             continue
@@ -136,32 +200,28 @@ def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_ite
             break
         if invariant and not full:
             # invariant Krylov space (repeated eigenvalues, e.g. a null space): grow it with a fresh direction
-            w = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-            for _ in range(2):
-                w = w - basis @ (basis.T @ w)
-            Q[:, k] = w / w.norm()
+            w, _ = Q.orthogonalise(random_direction(), k)
+            Q.set_column(k, w / w.norm())
             k += 1
             continue
         # thick restart: keep the leading p Ritz vectors and continue from the residual direction
         p = min(k - 1, m + (k_max - m) // 2)
-        S_keep = torch.as_tensor(S[:, :p].copy(), dtype=dtype, device=device)
-        for r0 in range(0, M, 1 << 16):  # Q[:, :p] = Q S_keep, in place by blocks of rows
-            Q[r0:r0 + (1 << 16), :p] = Q[r0:r0 + (1 << 16), :k] @ S_keep
+        Q.rotate(torch.as_tensor(S[:, :p].copy(), dtype=dtype, device=device), k)
         coupling = 0.0 if invariant else beta
         T[:] = 0.0
         T[np.arange(p), np.arange(p)] = theta[:p]
         T[p, :p] = T[:p, p] = coupling * S[k - 1, :p]
         if invariant:
-            w = torch.randn(M, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-            for _ in range(2):
-                w = w - Q[:, :p] @ (Q[:, :p].T @ w)
-            Q[:, p] = w / w.norm()
+            w, _ = Q.orthogonalise(random_direction(), p)
+            w = w / w.norm()
         else:
-            Q[:, p] = w / beta
+            w = w / beta
+        Q.set_column(p, w)
         k = p + 1
         restarts += 1
     values = theta[:m].copy()
-    vectors = Q[:, :k] @ torch.as_tensor(S[:, :m].copy(), dtype=dtype, device=device)
+    Q.rotate(torch.as_tensor(S[:, :m].copy(), dtype=dtype, device=device), k)
+    vectors = Q.release_head()
     info = {"iterations": steps, "hvps": hessian.num_hvps - hvps0, "restarts": restarts, "basis_size": k_max,
             "max_relative_residual": residual, "converged": residual <= tol}
     return torch.as_tensor(values, dtype=dtype, device=device), vectors, info

@@ -215,7 +215,7 @@ class LiSSACurvature(CurvatureBackend):
         elif need_top:
             values, vectors, lanczos_info = lanczos_top(hessian, k + 1, tol=self.lanczos_tol, seed=self.seed)
         if need_top:
-            self.values, self.vectors = values[:k], vectors[:, :k].contiguous()
+            self.values, self.vectors = values[:k], vectors[:, :k]  # a view: no copy of shared eigenvectors
             self.lambda_top = float(values[k])
         if self.scale is None and self.b < n and self.scale_batches > 0:
             gen = torch.Generator().manual_seed(self.seed + 7919)
@@ -224,7 +224,7 @@ class LiSSACurvature(CurvatureBackend):
             for _ in range(self.scale_batches):
                 idx = torch.randperm(n, generator=gen)[: self.b].sort().values
                 v, _, _ = lanczos_top(_Operator(hessian, idx, basis), 1, tol=1e-2, max_iter=min(M, 30),
-                                      seed=self.seed + 1)
+                                      basis_size=min(M, 6), seed=self.seed + 1)
                 tops.append(float(v[0]))
             self.lambda_batch = max(tops)
         if self.check_curvature:  # λ_min sets the automatic depth and names negative curvature up front
@@ -284,10 +284,13 @@ class LiSSACurvature(CurvatureBackend):
 
         Runs ``repeats`` recursions h_j = v_⊥ + P(I − (H_{B_j} + δI)/s)h_{j−1} on the
         complement of the deflated space, averages x = h_J/s over the runs and adds the
-        exact solve V_k diag(1/(λ_i + δ)) V_kᵀ v on the deflated span.
+        exact solve V_k diag(1/(λ_i + δ)) V_kᵀ v on the deflated span. The columns are
+        processed in blocks of the operator's ``max_vectors`` (every block sees the same
+        mini-batch sequence, so the result does not depend on the blocking); the recursion
+        holds about six (M, block) arrays, so ``max_vectors`` bounds the solver's memory.
         """
         H = self.hessian
-        M, n = H.shape[0], H.objective.n
+        M = H.shape[0]
         if V.ndim != 2 or V.shape[0] != M:
             raise InputError(f"expected right-hand sides of shape (M, k) with M = {M}; got {tuple(V.shape)}.")
         if not torch.isfinite(V).all():
@@ -300,77 +303,37 @@ class LiSSACurvature(CurvatureBackend):
         s = self.scale_for(damping)
         burn, tail = self.depth_for(damping, s)
         basis = self.vectors if self.vectors is not None and self.vectors.shape[1] > 0 else None
-
-        def project(X: Tensor) -> Tensor:
-            return X if basis is None else X - basis @ (basis.T @ X)
-
         if basis is not None:
             C = basis.T @ V
             if (self.values + damping <= 0).any():  # type: ignore[operator]
                 raise self._negative_curvature(damping, float(self.values.min()))  # type: ignore[union-attr]
-            X_span = basis @ (C / (self.values + damping).unsqueeze(1))  # type: ignore[operator]
+            X = basis @ (C / (self.values + damping).unsqueeze(1))  # type: ignore[operator]
             Vp = V - basis @ C
+            del C
         else:
-            X_span, Vp = torch.zeros_like(V), V
-        v_norm = Vp.norm(dim=0)
-        live = v_norm > 0
-        v_ref = v_norm.clamp_min(torch.finfo(V.dtype).tiny)
+            X, Vp = torch.zeros_like(V), V
 
-        cols = V.shape[1]
-        control = self.variance_reduction and self.b < n
-        snapshot = self.snapshot_for(damping, s)
-        anchor = H_anchor = Vp  # placeholders, set at the first step of each run
-        gen = torch.Generator().manual_seed(int(self.seed))
+        blocks = torch.arange(V.shape[1], device=V.device).split(H.max_vectors)
         show = H.objective.progress if self.progress is None else self.progress
-        total = self.repeats * (burn + tail)
+        total = len(blocks) * self.repeats * (burn + tail)
         bar = progress_bar(range(total), total=total, desc="lissa", enabled=show)
-        X_sum = torch.zeros_like(V)
-        steps_run, stopped_early = [], 0
-        for r in range(self.repeats):
-            h = Vp.clone()
-            acc = torch.zeros_like(V)
-            n_acc = 0
-            sampler = self._sampler(gen, n)
-            last_checked = h.clone()
-            j = 0
-            for j in range(1, burn + tail + 1):
-                next(bar, None)
-                idx = next(sampler)
-                if control:
-                    if (j - 1) % snapshot == 0:  # new anchor h̃ with its exact full-data product
-                        anchor = h.clone()
-                        H_anchor = project(H.matmat(anchor))
-                    both = H.minibatch_matmat(torch.cat([h, anchor], dim=1), idx)
-                    HB = project(both[:, :cols] - both[:, cols:]) + H_anchor
-                else:
-                    HB = project(H.minibatch_matmat(h, idx))
-                h_new = Vp + h - (HB + damping * h) / s
-                if j % self.check_every == 0 or j == burn + tail:
-                    norms = h_new.norm(dim=0)
-                    if not torch.isfinite(h_new).all() or bool((norms > self.growth_limit * (j + 1) * v_ref).any()):
-                        self._diverged(last_checked, damping, s, j, r)
-                    last_checked = h_new.clone()
-                    if (self.rtol is not None and j >= 1
-                            and bool(((h_new - h).norm(dim=0) <= self.rtol * v_ref).all())):
-                        h = project(h_new)
-                        stopped_early += 1
-                        acc, n_acc = h, 1  # the early-stopped iterate replaces any partial average
-                        break
-                h = project(h_new)
-                if j > burn:
-                    acc = acc + h
-                    n_acc += 1
-            steps_run.append(j)
-            X_sum += (acc / n_acc if n_acc else h) / s
+        steps_run: list[int] = []
+        stopped_early = 0
+        for block in blocks:
+            X_block, runs, early = self._recursions(Vp[:, block], damping, s, burn, tail, basis, bar)
+            X[:, block] += X_block
+            steps_run += runs
+            stopped_early += early
         for _ in bar:  # drain a bar left unfinished by an early stop
             pass
-        X = X_sum / self.repeats * live.to(V.dtype) + X_span
+        del Vp
         lissa_hvps = H.num_hvps - hvps0
         diag = {**self.fit_diagnostics, "depth": burn, "tail_steps": tail, "steps_run": steps_run,
+                "column_blocks": len(blocks),
                 "stopped_early": stopped_early, "repeats": self.repeats, "scale": s, "damping": damping,
                 "sampling": self.sampling, "lissa_hvps": lissa_hvps, "columns": V.shape[1]}
         if self.estimate_residual:
-            R = H.matmat(X) + damping * X - V
+            R = H.matmat(X).add_(X, alpha=damping).sub_(V)
             rel = R.norm(dim=0) / V.norm(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
             diag["relative_residual_max"] = rel.max().item() if rel.numel() else 0.0
             diag["relative_residual_mean"] = rel.mean().item() if rel.numel() else 0.0
@@ -385,6 +348,65 @@ class LiSSACurvature(CurvatureBackend):
         diag["seconds"] = time.perf_counter() - t0
         self.diagnostics = diag
         return X
+
+    def _recursions(self, Vp: Tensor, damping: float, s: float, burn: int, tail: int, basis: Tensor | None,
+                    bar) -> tuple[Tensor, list[int], int]:
+        """(1/s)·(average over ``repeats`` runs of the recursion's tail-averaged iterate) for the
+        projected right-hand sides ``Vp`` (M, b) — zero for a zero column — with the steps each
+        run took and how many stopped early at ``rtol``."""
+        H, n = self.hessian, self.hessian.objective.n
+
+        def project_(X: Tensor) -> Tensor:  # in place: X ← (I − V_k V_kᵀ) X
+            return X if basis is None else X.sub_(basis @ (basis.T @ X))
+
+        v_norm = Vp.norm(dim=0)
+        live = (v_norm > 0).to(Vp.dtype)
+        v_ref = v_norm.clamp_min(torch.finfo(Vp.dtype).tiny)
+        cols = Vp.shape[1]
+        control = self.variance_reduction and self.b < n
+        snapshot = self.snapshot_for(damping, s)
+        anchor = H_anchor = Vp  # placeholders, set at the first step of each run
+        gen = torch.Generator().manual_seed(int(self.seed))
+        X_sum = torch.zeros_like(Vp)
+        steps_run, stopped_early = [], 0
+        for r in range(self.repeats):
+            h = Vp.clone()
+            acc = torch.zeros_like(Vp)
+            n_acc = 0
+            sampler = self._sampler(gen, n)
+            last_checked = h.clone()
+            j = 0
+            for j in range(1, burn + tail + 1):
+                next(bar, None)
+                idx = next(sampler)
+                if control:
+                    if (j - 1) % snapshot == 0:  # new anchor h̃ with its exact full-data product
+                        anchor = h.clone()
+                        H_anchor = project_(H.matmat(anchor))
+                    both = H.minibatch_matmat(torch.cat([h, anchor], dim=1), idx)
+                    step = project_(both[:, :cols] - both[:, cols:]).add_(H_anchor)
+                    del both
+                else:
+                    step = project_(H.minibatch_matmat(h, idx))
+                h_new = step.add_(h, alpha=damping).div_(-s).add_(h).add_(Vp)  # v + h − (H_B h + δh)/s
+                if j % self.check_every == 0 or j == burn + tail:
+                    norms = h_new.norm(dim=0)
+                    if not torch.isfinite(h_new).all() or bool((norms > self.growth_limit * (j + 1) * v_ref).any()):
+                        self._diverged(last_checked, damping, s, j, r)
+                    last_checked.copy_(h_new)
+                    if (self.rtol is not None and j >= 1
+                            and bool(((h_new - h).norm(dim=0) <= self.rtol * v_ref).all())):
+                        h = project_(h_new)
+                        stopped_early += 1
+                        acc, n_acc = h, 1  # the early-stopped iterate replaces any partial average
+                        break
+                h = project_(h_new)
+                if j > burn:
+                    acc.add_(h)
+                    n_acc += 1
+            steps_run.append(j)
+            X_sum.add_(acc / n_acc if n_acc else h, alpha=1 / s)
+        return X_sum.div_(self.repeats).mul_(live), steps_run, stopped_early
 
     def _sampler(self, gen: torch.Generator, n: int):
         """Endless stream of sorted index tensors of size b (full data when b = n)."""

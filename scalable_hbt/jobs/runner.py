@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import distributed
+from ..curvature.lanczos import basis_size_for
 from ..memory import format_bytes
 from ..objective import Objective
 from ..progress import progress_bar
@@ -111,8 +112,8 @@ def plan(spec: JobSpec, tb: Toolbox, n_test: int) -> dict[str, Any]:
         memory["influence_rows_per_chunk"] = chunk * n * item
     if tb.inverse.name == "dense" or tb.eigen.name == "dense":
         memory["dense_hessian"] = int(3.5 * 8 * M * M)
-    if tb.eigen.name in ("lanczos", "lowrank"):
-        memory["lanczos_basis"] = int(getattr(tb.eigen, "m", 20) * 3 * M * item)
+    if tb.eigen.name in ("lanczos", "lowrank"):  # thick-restart basis: the peak of the fit; m vectors stay
+        memory["lanczos_basis"] = basis_size_for(tb.eigen.m, tb.eigen.basis_size) * M * item
     return {"num_params": M, "n_train": n, "n_test": n_test, "chunk_size": chunk,
             "chunks": -(-n_test // chunk), "methods": methods, "inverse": tb.inverse.name, "eigen": tb.eigen.name,
             "memory_bytes": memory}
