@@ -23,3 +23,18 @@ def test_small_variant_runs_every_phase():
     assert len(report["lees"]) == 3 and all(v > 0 for v in report["lees"])
     values = report["top_eigenvalues"]
     assert values == sorted(values, reverse=True)
+
+
+def test_peak_memory_sees_a_temporary_allocation_and_not_an_idle_block():
+    import torch
+
+    from scalable_hbt.memory import PeakMemory
+
+    size = 256 * 2**20
+    with PeakMemory() as busy:
+        block = torch.ones(size // 8, dtype=torch.float64)  # written, so resident
+        del block
+    with PeakMemory() as idle:
+        sum(range(10_000))
+    assert 0.9 * size <= busy.increase <= 1.5 * size
+    assert idle.increase < 0.1 * size
