@@ -6,6 +6,8 @@ and the per-training-point arrays (influence columns, RelatIF norms) are then co
 with an all-reduce, so every rank ends with the same result as one process would. Test
 data and everything in parameter space (solves, Lanczos, eigendecompositions) are
 replicated: each rank computes them identically. Works with gloo on CPU and NCCL on GPU.
+Batch jobs also deal out the test chunks of methods that, once fitted, need only the test
+points (LEES, bootstrap RUE) across the ranks (:mod:`scalable_hbt.jobs.runner`).
 
 ``hbt run`` initialises the group itself when ``torchrun`` launched it
 (:func:`process_group_from_environment`); library users call
@@ -60,6 +62,12 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if active():
+        dist.barrier()
+
+
 def broadcast_object(value: Any) -> Any:
     """Rank 0's ``value`` on every rank (picklable objects; identity without a process group).
 
@@ -107,5 +115,5 @@ def process_group_from_environment(device: str | torch.device = "cpu") -> Iterat
         dist.destroy_process_group()
 
 
-__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "split_indices", "is_writer",
+__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "split_indices", "is_writer", "barrier",
            "broadcast_object", "launched_by_torchrun", "local_device", "process_group_from_environment"]

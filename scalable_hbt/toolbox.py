@@ -66,6 +66,7 @@ class Toolbox:
         same = (isinstance(inverse, str) and inverse == eigen and not inverse_options and not eigen_options)
         self.eigen = self.inverse if same else make_backend(eigen, "eigen", eigen_options)
         self._normalizers: dict[str, CurvatureBackend] = {}
+        self._shifts: tuple[tuple[int, int, float], Tensor] | None = None  # RUE's last (key, Δθ (M, B))
         self._damping: float | None = None if damping == "auto" else float(damping)
         self.cache = None if cache_dir is None else CurvatureCache(cache_dir)
 
@@ -167,8 +168,26 @@ class Toolbox:
         """RUE(z_t) = Var_b ℓ(z_t, θ̃ + Δθ_b) at δ' = δ + 1, shape ``(T,)``; ``method="analytic"``
         gives the closed form for the linearised loss."""
         self._ensure_fitted()
+        shifts = None
+        if method == "bootstrap" and not isinstance(seed, torch.Generator):
+            shifts = self.bootstrap_shifts(n_bootstrap, seed)
         return methods.rue(self.objective, self.inverse, self.rue_damping, X_test, y_test,
-                           n_bootstrap=n_bootstrap, seed=seed, method=method, labels=labels, test_loss=test_loss)
+                           n_bootstrap=n_bootstrap, seed=seed, method=method, labels=labels, test_loss=test_loss,
+                           shifts=shifts)
+
+    def bootstrap_shifts(self, n_bootstrap: int = 50, seed: int = 0) -> Tensor:
+        """RUE's parameter shifts Δθ_b = −H_δ'⁻¹ (1/n) Σ_i (w_b,i − 1) g_i, shape ``(M, B)``.
+
+        They do not depend on the test points, so the last set is kept (B·M numbers) and
+        reused by every :meth:`rue` call with the same ``n_bootstrap``, ``seed`` and δ':
+        RUE over many test chunks solves the B systems once."""
+        self._ensure_fitted()
+        key = (int(n_bootstrap), int(seed), self.rue_damping)
+        if self._shifts is None or self._shifts[0] != key:
+            self._shifts = None  # free the old set before the new one is computed
+            weights = methods.bootstrap_weights(self.objective.n, n_bootstrap, seed)
+            self._shifts = key, methods.bootstrap_shifts(self.objective, self.inverse, self.rue_damping, weights)
+        return self._shifts[1]
 
     def extrapolation_score(self, X_test: DataLike, y_test: Tensor | None = None, *, labels: Labels = "predicted",
                             m: int | str | None = None, threshold: float | None = 0.1,

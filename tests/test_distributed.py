@@ -102,9 +102,9 @@ def test_hbt_run_under_torchrun_matches_one_process_and_resumes(tmp_path, monkey
     for method in methods:
         np.testing.assert_allclose(read_results(tmp_path / "sharded", method), read_results(tmp_path / "single", method),
                                    rtol=1e-9, atol=1e-13, err_msg=method)
-    # resume: the ranks agree on the one missing chunk and recompute only it
+    # resume: the ranks agree on the missing chunks and recompute only them (RUE chunk 1 is rank 1's)
     kept = {m: (tmp_path / "sharded" / m / "chunk-000000.npy").stat().st_mtime_ns for m in methods}
-    (tmp_path / "sharded" / "rue" / "chunk-000002.npy").unlink()
+    (tmp_path / "sharded" / "rue" / "chunk-000001.npy").unlink()
     before = {m: read_results(tmp_path / "single", m) for m in methods}
     summary = _torchrun(job)
     assert summary["chunks_computed"] == 1 and summary["chunks_skipped"] == 5 * 4 - 1

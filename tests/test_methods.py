@@ -147,6 +147,22 @@ def test_extrapolation_auto_m_is_where_scores_converge():
     assert m == m_converged(all_m)
 
 
+def test_rue_solves_its_bootstrap_systems_once_for_many_test_chunks():
+    obj = make_problem("mlp")
+    Xt, yt = _test_points(obj)
+    tb = Toolbox(obj, damping=1.0, inverse="cg")
+    whole = tb.rue(Xt, yt, n_bootstrap=6, seed=4)
+    hvps = tb.hessian.num_hvps
+    parts = torch.cat([tb.rue(Xt[:2], yt[:2], n_bootstrap=6, seed=4), tb.rue(Xt[2:], yt[2:], n_bootstrap=6, seed=4)])
+    assert tb.hessian.num_hvps == hvps  # the shifts were reused, not solved again
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=0)
+    # the shifts are those of the function-level definition
+    direct = bootstrap_shifts(obj, tb.inverse, tb.rue_damping, bootstrap_weights(obj.n, 6, seed=4))
+    torch.testing.assert_close(tb.bootstrap_shifts(6, 4), direct, rtol=1e-8, atol=1e-12)
+    tb.rue(Xt, yt, n_bootstrap=6, seed=5)  # another seed: new systems
+    assert tb.hessian.num_hvps > hvps
+
+
 def test_rue_with_predicted_labels_keeps_the_labels_of_the_trained_model():
     obj = make_problem("mlp")
     Xt, _ = _test_points(obj)

@@ -11,8 +11,11 @@ Layout of the output folder::
 Each chunk file is written to a temporary name and renamed (atomic on POSIX), so a job
 killed at any moment leaves only whole files; started again with the same command it
 skips every finished chunk and loses nothing. Under ``torch.distributed`` (``torchrun ... -m
-scalable_hbt.cli run JOB.toml``) all ranks work on the same chunk with the training data
-sharded across them; rank 0 decides which chunks are pending and is the only writer.
+scalable_hbt.cli run JOB.toml``) rank 0 decides which chunks are pending; chunks of methods
+that need only the test points once fitted (LEES, bootstrap RUE) are dealt out to the ranks,
+each writing its own; influence, similarity and RelatIF chunks run on all ranks together
+(their solves and training-data passes are collectives over the sharded training set) and
+rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -165,6 +168,17 @@ def _pending(spec: JobSpec, methods: list[str], chunks: int) -> list[tuple[int, 
     return distributed.broadcast_object(todo)
 
 
+def _test_local_methods(spec: JobSpec) -> set[str]:
+    """Methods whose per-chunk work, once fitted, touches only the test points (no pass over
+    the training data, no solve): LEES, and RUE by bootstrap (its shifts are solved once).
+    Under torch.distributed their chunks are dealt out to the ranks (chunk c to rank c mod W);
+    the other methods run every chunk on all ranks with the training data sharded."""
+    local = {"lees"}
+    if spec.methods.get("rue", {}).get("method", "bootstrap") == "bootstrap":
+        local.add("rue")
+    return local
+
+
 def _compute(tb: Toolbox, method: str, X: torch.Tensor, y: torch.Tensor | None, spec: JobSpec) -> np.ndarray:
     m = spec.methods
     labels, test_loss = m.get("labels", "true"), m.get("test_loss", "objective")
@@ -220,13 +234,21 @@ def run_job(spec: JobSpec, *, dry_run: bool = False, echo=print) -> dict[str, An
                 stale.unlink()
     todo = _pending(spec, methods, info["chunks"])
     skipped = info["chunks"] * len(methods) - len(todo)
+    local = _test_local_methods(spec) & {method for _, method in todo}
+    if distributed.active() and local:  # one collective call fits what they need (eigenpairs, RUE shifts)
+        for method in sorted(local):
+            _compute(tb, method, X_test[:1], y_test[:1] if y_test is not None else None, spec)
+    rank, world = distributed.rank(), distributed.world_size()
     for c, method in progress_bar(todo, total=len(todo), desc="test chunks", enabled=distributed.is_writer()):
+        if method in local and c % world != rank:
+            continue  # another rank's chunk
         lo, hi = c * spec.chunk_size, min((c + 1) * spec.chunk_size, len(X_test))
         t1 = time.perf_counter()
         array = _compute(tb, method, X_test[lo:hi], y_test[lo:hi] if y_test is not None else None, spec)
-        if distributed.is_writer():
+        if method in local or distributed.is_writer():
             _save_atomic(spec.output_dir / method / f"chunk-{c:06d}.npy", array)
         times[method] += time.perf_counter() - t1
+    distributed.barrier()
     computed = len(todo)
     summary = {"job_file": str(spec.path), "plan": info, "seconds": times, "chunks_computed": computed,
                "chunks_skipped": skipped, "toolbox": tb.diagnostics}

@@ -51,11 +51,15 @@ def bootstrap_shifts(objective: Objective, inverse: CurvatureBackend, damping: f
 
 def rue(objective: Objective, inverse: CurvatureBackend, damping: float, test: DataLike,
         y_test: Tensor | None = None, *, n_bootstrap: int = 50, seed: int | torch.Generator = 0,
-        method: str = "bootstrap", labels: Labels = "true", test_loss: TestLoss = "objective") -> Tensor:
+        method: str = "bootstrap", labels: Labels = "true", test_loss: TestLoss = "objective",
+        shifts: Tensor | None = None) -> Tensor:
     """RUE(z_t) for each test point, shape ``(T,)``; ``damping`` here is δ' (already + 1).
 
     ``method="bootstrap"``: population variance of the real test loss over the B shifted
     models. ``method="analytic"``: the closed-form variance of the linearised loss.
+    ``shifts``: the parameter shifts Δθ_b ``(M, B)`` of :func:`bootstrap_shifts` when the
+    caller already has them (they do not depend on the test points); then ``n_bootstrap``
+    and ``seed`` are not used.
     """
     if method == "analytic":
         I = influence(objective, inverse, damping, test, y_test, labels=labels, test_loss=test_loss)
@@ -66,10 +70,10 @@ def rue(objective: Objective, inverse: CurvatureBackend, damping: float, test: D
     if labels == "predicted":  # fix the labels at θ̃, not at the shifted parameters
         inputs, targets = zip(*[(x, t) for _, x, t in objective.batches(source, "predicted")])
         source = objective.source(torch.cat(inputs), torch.cat(targets))
-    weights = bootstrap_weights(objective.n, n_bootstrap, seed)
-    shifts = bootstrap_shifts(objective, inverse, damping, weights)
+    if shifts is None:
+        shifts = bootstrap_shifts(objective, inverse, damping, bootstrap_weights(objective.n, n_bootstrap, seed))
     losses = torch.stack([
-        objective.per_sample_losses(source, test_loss=test_loss, theta=objective.theta + shifts[:, b])
-        for b in range(n_bootstrap)
+        objective.per_sample_losses(source, test_loss=test_loss, theta=objective.theta + shift)
+        for shift in shifts.T
     ])  # (B, T)
     return losses.var(dim=0, correction=0)
