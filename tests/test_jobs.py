@@ -73,6 +73,8 @@ def test_a_different_job_is_refused_in_the_same_output_folder(folder):
     (lambda t: t.replace('run = ["influence", "relatif", "rue", "lees"]', 'run = ["influence", "vibes"]'),
      r"\[methods\] run = .*expected a non-empty list"),
     (lambda t: t.replace('chunk_size = 5', 'chunk_size = 0'), r"\[output\] chunk_size = 0"),
+    (lambda t: t.replace('damping = 1.0', 'damping = 1.0\nmax_vectors = 0'), r"\[curvature\] max_vectors = 0"),
+    (lambda t: t.replace('damping = 1.0', 'damping = 1.0\nrue_damping = "big"'), r"\[curvature\] rue_damping = 'big'"),
     (lambda t: t.replace('[data]', '[data]\nvalidation = "x.npz"'), r"\[data\] has unknown key\(s\) \['validation'\]"),
     (lambda t: t.replace('train = "train.npz"', 'train = "train.csv"'), r"\[data\] train = 'train.csv'"),
     (lambda t: t.replace('[output]\ndir = "out"', '[output]'), r"\[output\] needs the key 'dir'"),

@@ -96,6 +96,7 @@ def build_toolbox(spec: JobSpec, model: nn.Module, train: Any) -> Toolbox:
                     device=distributed.local_device(o.get("device", "cpu")))
     return Toolbox(obj, damping=c.get("damping", "auto"), inverse=c.get("inverse", "cg"),
                    eigen=c.get("eigen", "lanczos"), rue_damping=c.get("rue_damping"),
+                   max_vectors=c.get("max_vectors", 32),
                    inverse_options=c.get("inverse_options") or None, eigen_options=c.get("eigen_options") or None,
                    cache_dir=spec.output_dir / "cache")
 
@@ -113,6 +114,8 @@ def plan(spec: JobSpec, tb: Toolbox, n_test: int) -> dict[str, Any]:
     }
     if {"influence", "similarity", "relatif"} & set(methods):
         memory["influence_rows_per_chunk"] = chunk * n * item
+    if tb.inverse.name in ("cg", "lissa"):  # about seven (M, columns) work arrays per block of columns
+        memory["iterative_solver_work"] = 7 * min(chunk, tb.hessian.max_vectors) * M * item
     if tb.inverse.name == "dense" or tb.eigen.name == "dense":
         memory["dense_hessian"] = int(3.5 * 8 * M * M)
     if tb.eigen.name in ("lanczos", "lowrank"):  # thick-restart basis: the peak of the fit; m vectors stay

@@ -25,6 +25,8 @@ Example (every key shown; the ``[model]``, ``[data]`` and ``[output]`` tables ar
     eigen = "lanczos"                     # dense | lanczos | lowrank
     inverse_options = { rtol = 1e-8 }
     eigen_options = { m = 20 }
+    rue_damping = 1.2                     # optional; default damping + 1
+    max_vectors = 32                      # HVPs batched together; cg/lissa solve this many columns at a time
 
     [methods]
     run = ["influence", "relatif", "rue", "lees"]
@@ -165,7 +167,8 @@ def load_job(path: str | Path) -> JobSpec:
     _expect(objective, "objective", "device", (str,), 'a torch device such as "cpu" or "cuda"', "cpu")
 
     curvature = _table(doc, "curvature", False)
-    _unknown(curvature, "curvature", ("damping", "inverse", "eigen", "inverse_options", "eigen_options", "rue_damping"))
+    _unknown(curvature, "curvature", ("damping", "inverse", "eigen", "inverse_options", "eigen_options", "rue_damping",
+                                      "max_vectors"))
     damping = curvature.get("damping", "auto")
     if not (damping == "auto" or (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0)):
         raise JobError(f"[curvature] damping = {damping!r}: expected \"auto\" or a number ≥ 0.")
@@ -173,6 +176,12 @@ def load_job(path: str | Path) -> JobSpec:
     _choice(curvature, "curvature", "eigen", list(EIGEN_BACKENDS), "lanczos")
     _expect(curvature, "curvature", "inverse_options", (dict,), "a table of backend options", {})
     _expect(curvature, "curvature", "eigen_options", (dict,), "a table of backend options", {})
+    rue_damping = _expect(curvature, "curvature", "rue_damping", (int, float), "a number > 0")
+    if rue_damping is not None and not rue_damping > 0:
+        raise JobError(f"[curvature] rue_damping = {rue_damping!r}: expected a number > 0.")
+    vectors = _expect(curvature, "curvature", "max_vectors", (int,), "an integer ≥ 1", 32)
+    if vectors < 1:
+        raise JobError(f"[curvature] max_vectors = {vectors!r}: expected an integer ≥ 1.")
 
     methods = _table(doc, "methods", False)
     _unknown(methods, "methods", ("run", "labels", "test_loss", "relatif_normalizer", "rue", "lees"))
