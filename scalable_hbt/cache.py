@@ -245,7 +245,7 @@ def _lanczos_import(b: LanczosCurvature, s: State, hessian: HessianOperator) -> 
     b._hessian = hessian
 
 
-_LAYER_TENSORS = ("A", "G", "QA", "QG", "lamA", "lamG", "S")
+_LAYER_TENSORS = ("QA", "QG", "lamA", "lamG", "S")
 
 
 def _kfac_export(b: KFACCurvature) -> State:

@@ -123,7 +123,7 @@ class _Layer:
     b_range: tuple[int, int] | None
     out: int
     d_w: int                     # in·k
-    A: Tensor | None = None
+    A: Tensor | None = None      # Kronecker factors, held only while fitting
     G: Tensor | None = None
     QA: Tensor | None = None
     QG: Tensor | None = None
@@ -410,11 +410,10 @@ class KFACCurvature(CurvatureBackend):
             distributed.all_reduce_sum(layer.G)
         distributed.all_reduce_sum(self.diag)
         n = obj.n
-        for layer in self.layers:
-            layer.A /= n
-            layer.G /= n
-            layer.lamA, layer.QA = torch.linalg.eigh(0.5 * (layer.A + layer.A.T))
-            layer.lamG, layer.QG = torch.linalg.eigh(0.5 * (layer.G + layer.G.T))
+        for layer in self.layers:  # eigh reads one triangle; the factors are then dropped (only Q, λ are used)
+            layer.lamA, layer.QA = torch.linalg.eigh(layer.A.div_(n), UPLO="L")
+            layer.lamG, layer.QG = torch.linalg.eigh(layer.G.div_(n), UPLO="L")
+            layer.A = layer.G = None
             layer.lamA.clamp_(min=0)
             layer.lamG.clamp_(min=0)
             layer.S = layer.lamG.unsqueeze(1) * layer.lamA.unsqueeze(0)
@@ -445,7 +444,7 @@ class KFACCurvature(CurvatureBackend):
         self._hessian = hessian
         kron = sum(layer.numel for layer in self.layers)
         self.diagnostics = {
-            "layers": [{"name": l.name, "kind": l.kind, "A": tuple(l.A.shape), "G": tuple(l.G.shape)}
+            "layers": [{"name": l.name, "kind": l.kind, "A": (l.d_in, l.d_in), "G": (l.out, l.out)}
                        for l in self.layers],
             "kronecker_params": kron,
             "diagonal_params": int(self.diag_index.numel()),
