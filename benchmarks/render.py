@@ -102,7 +102,7 @@ def headline(rows: list[dict], bounds: list[dict]) -> list[str]:
             verdict = ("—" if not bs else "met" if all(b["ok"] for b in bs) else
                        "**FAILED**: " + ", ".join(b["quantity"] for b in bs if not b["ok"]))
             top = (f"{fmt(infl['top5_helpful'])} / {fmt(infl['top5_harmful'])}" if "top5_helpful" in infl else "—")
-            auroc = f"{fmt(lees.get('auroc'))} ({fmt(exact_auroc)})" if lees else "n/a (no eigenpairs)"
+            auroc = f"{fmt(lees.get('auroc'))} ({fmt(exact_auroc)})" if lees else "n/a"
             measures: list[Any] = [infl.get("max_rel_error"), infl.get("spearman_resolved"), top,
                                    rel.get("spearman_resolved"), rue.get("max_rel_error"),
                                    lees.get("max_rel_error") if lees else "n/a"]
@@ -125,9 +125,11 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
                "δ = max(−λ_min, 0) + 0.01). Relative error = max over test points of ‖x − x_exact‖ / ‖x_exact‖. "
                "\\* Spearman over the *resolved* training points only (exact value off the float64 tie floor, "
                "`scalable_hbt.demo.resolved_mask`), worst test point. Top-5: overlap of the 5 most helpful / "
-               "harmful training points with the exact ones, mean over the 5 test points. LEES AUROC: the score "
+               "harmful resolved training points with the exact ones, mean over the 5 test points. LEES AUROC: the score "
                "as a detector of the 5 permuted (OOD) test points. HVPs: full-data Hessian-vector products "
-               "counted by the operator (a mini-batch product of b points counts b/n).")
+               "counted by the operator (a mini-batch product of b points counts b/n). LEES needs eigenpairs: "
+               "dense and lanczos (whose Lanczos run is also lowrank's fit, so lowrank's LEES is the lanczos row); "
+               "cg, lissa, kfac and ekfac give none. n/a: not run in this mode (see the module docstring).")
     out.append("")
     out += headline(rows, bounds)
     out.append("Problems:")
