@@ -29,7 +29,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(ROOT)]   # the suite's modules, then the checkout's package
 
 from plots import write_plots  # noqa: E402
 from render import render  # noqa: E402
@@ -39,7 +39,8 @@ def run_suite(json_path: Path, mode: str, device: str, extra: list[str]) -> tupl
     """Run pytest on benchmarks/ (output streamed); returns (exit status, summary line, seconds)."""
     env = os.environ.copy()
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(HBT_BENCH_MODE=mode, HBT_BENCH_DEVICE=device)
+    env.update(HBT_BENCH_MODE=mode, HBT_BENCH_DEVICE=device,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     env.pop("HBT_BENCH_QUICK", None)
     cmd = [sys.executable, "-m", "pytest", "benchmarks/", f"--benchmark-json={json_path}", "-q",
            "--benchmark-columns=min,median,max,rounds", *extra]

@@ -18,6 +18,7 @@ M_wall = max{M : ``DenseCurvature.required_bytes(M)`` ≤ available memory}
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ from scalable_hbt.curvature import DenseCurvature
 from scalable_hbt.memory import available_bytes
 
 WORKER = Path(__file__).with_name("scaling_worker.py")
+ROOT = WORKER.parent.parent   # the checkout's package goes first on the worker's path
 M_SIZES = [1_000, 10_000, 100_000, 1_000_000] + ([] if QUICK else [3_000_000, 10_000_000])
 DENSE_SIZES = [500, 1_000, 2_000] + ([] if QUICK else [4_000])
 N_SIZES = [256, 1_024, 4_096] + ([] if QUICK else [16_384])
@@ -42,7 +44,8 @@ MIN_SECONDS = 0.01
 def run_worker(op: str, M: int, n: int) -> dict:
     """One measurement in a subprocess; raises with the worker's stderr if it fails."""
     cmd = [sys.executable, str(WORKER), "--op", op, "--M", str(M), "--n", str(n), "--device", DEVICE]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"scaling worker {op} M={M} n={n} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

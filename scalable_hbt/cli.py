@@ -58,9 +58,11 @@ def _bench(args: argparse.Namespace) -> int:
     cmd = [sys.executable, str(BENCH_REPORT), mode, "--device", args.device, "--command", shown]
     if args.out:
         cmd += ["--out", str(Path(args.out).resolve())]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    root = BENCH_REPORT.parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     print("+ " + shlex.join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=BENCH_REPORT.parent.parent, env=env)
+    return subprocess.call(cmd, cwd=root, env=env)
 
 
 def _figures(text: str) -> tuple[str, ...]:
