@@ -32,7 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from harness import Interleaved, from_list_format, to_list_format
+from harness import Interleaved
 from physics_problems import PhysicsProblem
 from settings import QUICK
 from torch import nn
