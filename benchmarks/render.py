@@ -185,7 +185,7 @@ def scaling_section(ctx: Context, data: dict) -> list[str]:
     wall = s["dense_wall"]
     out = ["## 3. Scaling in M and n", "", ctx.stamp(), ""]
     out.append(f"MLP family (input 64, two hidden layers of width w, 10 classes), random data, float32, one fresh "
-               f"process per point; peak memory = growth of the process's max RSS during the operation (CPU) or "
+               f"process per point; peak memory = growth of the process's RSS high-water mark during the operation (CPU) or "
                f"CUDA's allocator peak. Slopes: least-squares fit of log(seconds) and log(bytes) against log(M) or "
                f"log(n) over the points ≥ 10 ms. Plots: `plots/scaling_M.png`, `plots/scaling_n.png`.")
     out.append("")

@@ -14,9 +14,9 @@ Operations (each timed once after the problem is built; the gradient is timed be
 * ``kfac``: ``KFACCurvature`` fit (one pass over the data);
 * ``dense``: ``DenseCurvature`` fit (M HVPs + eigh; only for small M).
 
-Peak memory: on CPU the growth of the process's maximum resident set size
-(``resource.getrusage``, which sees torch's allocations, unlike ``tracemalloc``) from
-just before the operation to its end; on CUDA ``torch.cuda.max_memory_allocated``.
+Peak memory: on CPU the growth of the process's resident-set high-water mark (``VmHWM``,
+which sees torch's allocations, unlike ``tracemalloc``) from just before the operation to
+its end; on CUDA ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -54,9 +54,21 @@ def mlp_for(M: int) -> nn.Sequential:
 
 
 def peak_bytes(device: torch.device) -> int:
-    """Peak memory so far: max RSS of this process (CPU; Linux reports KiB) or CUDA's allocator peak."""
+    """Peak memory so far: this process's RSS high-water mark (CPU) or CUDA's allocator peak.
+
+    On Linux ``VmHWM`` from /proc/self/status: unlike ``getrusage``'s ru_maxrss, which a child
+    inherits from its parent at fork (a large pytest parent would hide every growth), it
+    belongs to this process's own address space.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
