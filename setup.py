@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "scikit-learn>=1.2"],
-        "bench": ["pytest-benchmark>=4", "scikit-learn>=1.2", "curvlinops-for-pytorch>=2", "pyhessian>=0.1"],
+        "bench": ["pytest-benchmark>=4", "scikit-learn>=1.2", "curvlinops-for-pytorch>=2", "pyhessian>=0.1",
+                  "kronfluence>=1.0"],
         "gpu": ["cupy-cuda12x>=13"],
     },
     entry_points={"console_scripts": ["hbt = scalable_hbt.cli:main"]},

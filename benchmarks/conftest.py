@@ -1,10 +1,17 @@
-"""Fixtures of the benchmark suite: the paper's 740-parameter 1D CNN and a ~1M-parameter 2D CNN.
+"""Fixtures of the benchmark suite.
+
+* Engine timings (``test_hvp.py``): the paper's 740-parameter 1D CNN and a ~1M-parameter
+  2D CNN on random data, float32.
+* Accuracy and peers (``test_accuracy.py``, ``test_peers.py``): the paper CNN and a
+  3,710-parameter MLP trained on the Fermi-Hubbard data in float64, with the dense oracle
+  fitted once per session (``physics_problems.py``).
 
 Run with ``OMP_NUM_THREADS=1`` (set here if unset): on a small shared machine torch's
 OpenMP threads spin under contention and make timings meaningless. Every number the
 suite reports is a ratio of times measured interleaved in one process.
 
-``HBT_BENCH_QUICK=1`` cuts the rounds (a smoke run, not a measurement).
+``HBT_BENCH_MODE=quick`` (or ``HBT_BENCH_QUICK=1``) cuts the rounds and sizes;
+``HBT_BENCH_DEVICE`` picks the device (see ``settings.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from physics_problems import PhysicsProblem, build_problem  # noqa: E402
+from settings import DEVICE, MODE, QUICK  # noqa: E402
+
 from scalable_hbt import Objective  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-QUICK = os.environ.get("HBT_BENCH_QUICK", "") not in ("", "0")
 WEIGHT_DECAY = 5e-5
+PHYSICS_POINTS_PER_PHASE = 100 if QUICK else 500
 
 
 # ---------------------------------------------------------------------------- models
@@ -97,7 +107,7 @@ class Problem:
 
     def info(self) -> dict:
         return {"model": self.name, "M": self.num_params, "n": self.n, "batch_size": self.batch_size,
-                "weight_decay": self.weight_decay, "dtype": "float32", "device": "cpu",
+                "weight_decay": self.weight_decay, "dtype": "float32", "device": DEVICE,
                 "threads": torch.get_num_threads()}
 
 
@@ -115,27 +125,29 @@ def _make(name: str, model: nn.Module, input_shape: tuple[int, ...], classes: in
     M = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert M == expect_params, f"{name}: expected {expect_params} parameters, the model has {M}"
     gen = torch.Generator().manual_seed(1)
-    X = torch.randn(n, *input_shape, generator=gen)
-    y = torch.randint(0, classes, (n,), generator=gen)
+    X = torch.randn(n, *input_shape, generator=gen).to(DEVICE)
+    y = torch.randint(0, classes, (n,), generator=gen).to(DEVICE)
+    model = model.to(DEVICE)
     obj = Objective(model, "cross_entropy", (X, y), weight_decay=WEIGHT_DECAY, batch_size=batch_size,
-                    device="cpu", dtype=torch.float32, progress=False)
+                    device=DEVICE, dtype=torch.float32, progress=False)
     return Problem(name, model, X, y, batch_size, WEIGHT_DECAY, obj, _rounds(rounds))
 
 
 @pytest.fixture(scope="session")
 def paper_cnn_problem() -> Problem:
-    """The paper's 740-parameter CNN, n = 1000 random inputs (1, 924), one chunk of 1000."""
+    """The paper's 740-parameter CNN, n = 1000 random inputs (1, 924) in one chunk (quick: n = 250)."""
     torch.manual_seed(0)
-    return _make("paper_cnn_740", paper_cnn(), (1, 924), 2, 1000, 1000, 740,
+    n = 250 if QUICK else 1000
+    return _make("paper_cnn_740", paper_cnn(), (1, 924), 2, n, n, 740,
                  {"hvp": 7, "warmup_hvp": 1, "batched_8": 3, "batched_32": 2, "warmup_batched": 1,
                   "floor": 5, "influence": 3})
 
 
 @pytest.fixture(scope="session")
 def cnn2d_problem() -> Problem:
-    """The 994,394-parameter 2D CNN, n = 256 random inputs (3, 32, 32), chunks of 64."""
+    """The 994,394-parameter 2D CNN, n = 256 random inputs (3, 32, 32), chunks of 64 (quick: n = 64)."""
     torch.manual_seed(0)
-    return _make("cnn2d_994k", cnn2d(), (3, 32, 32), 10, 256, 64, 994_394,
+    return _make("cnn2d_994k", cnn2d(), (3, 32, 32), 10, 64 if QUICK else 256, 64, 994_394,
                  {"hvp": 4, "warmup_hvp": 1, "batched_8": 2, "batched_32": 1, "warmup_batched": 0,
                   "floor": 3, "influence": 0})
 
@@ -151,12 +163,30 @@ def dense_cache() -> dict:
     return {}
 
 
+@pytest.fixture(scope="session")
+def physics_problems() -> dict[str, PhysicsProblem]:
+    """Trained physics problems, built on first use and shared by the accuracy and peer benchmarks."""
+    return {}
+
+
+@pytest.fixture(scope="session", params=["paper_cnn", "mlp"])
+def physics_problem(request, physics_problems) -> PhysicsProblem:
+    """The paper CNN or the MLP on the Fermi-Hubbard data (100 points per phase in quick mode, 500 in full)."""
+    name = request.param
+    if name not in physics_problems:
+        physics_problems[name] = build_problem(name, PHYSICS_POINTS_PER_PHASE, DEVICE)
+    return physics_problems[name]
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
+    gpu = torch.cuda.get_device_name(0) if torch.device(DEVICE).type == "cuda" else None
     machine_info["hbt"] = {
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": DEVICE,
+        "gpu": gpu,
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "torch_num_threads": torch.get_num_threads(),
         "quick": QUICK,
+        "mode": MODE,
     }

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from settings import synchronize
 from torch import Tensor, nn
 
 PEERS = ("pyhessian", "curvlinops")
@@ -60,8 +61,10 @@ class Interleaved:
             ts = []
             for _ in range(self.repeat.get(name, 1)):
                 gc.collect()
+                synchronize()
                 t0 = time.perf_counter()
                 out = fn()
+                synchronize()
                 ts.append(time.perf_counter() - t0)
                 if self.keep_outputs and name not in self.outputs:
                     self.outputs[name] = out

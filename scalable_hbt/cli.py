@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +35,37 @@ def _run(args: argparse.Namespace) -> int:
         print(f"hbt run: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+BENCH_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
+"""The suite's runner and report generator (present in a source checkout, not in a wheel)."""
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run ``benchmarks/report.py`` (pytest on benchmarks/, then RESULTS.md and plots) in a subprocess."""
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"hbt bench: --device {args.device} was requested but CUDA is not available "
+                  f"(torch {torch.__version__}, {'built without CUDA' if torch.version.cuda is None else 'no GPU found'}); "
+                  "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu.",
+                  file=sys.stderr)
+            return 2
+    if not BENCH_REPORT.exists():
+        print(f"hbt bench: the benchmark suite is not installed with the package ({BENCH_REPORT} is missing); "
+              "run it from a source checkout: pip install -e '.[bench]' && hbt bench", file=sys.stderr)
+        return 2
+    mode = "--full" if args.full else "--quick"
+    shown = f"hbt bench {mode} --device {args.device}" + (f" --out {args.out}" if args.out else "")
+    cmd = [sys.executable, str(BENCH_REPORT), mode, "--device", args.device, "--command", shown]
+    if args.out:
+        cmd += ["--out", str(Path(args.out).resolve())]
+    root = BENCH_REPORT.parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    print("+ " + shlex.join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=root, env=env)
 
 
 def _figures(text: str) -> tuple[str, ...]:
@@ -65,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("job", help="the job file, e.g. job.toml (see scalable_hbt.jobs.spec for the format)")
     run.add_argument("--dry-run", action="store_true", help="validate the job and print the plan with memory estimates")
     run.set_defaults(func=_run)
+    bench = sub.add_parser("bench", help="run the benchmark suite and write benchmarks/RESULTS.md and plots",
+                           description="Exact vs approximate backends, peers side by side, scaling in M and n. "
+                                       "Quick mode: ≤ 15 minutes on a 2-core CPU.")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the ≤ 15-minute run (default)")
+    size.add_argument("--full", action="store_true", help="more rounds, the paper's data size, M up to 1e7")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    bench.add_argument("--out", default=None, metavar="DIR",
+                       help="folder for RESULTS.md, results.json and plots/ (default: benchmarks/)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -1,0 +1,111 @@
+"""Trained models on the paper's Fermi-Hubbard data, with the dense oracle fitted once.
+
+Two problems share the data of ``hbt demo`` (L = 12 spinless Fermi-Hubbard ground states,
+924 Fock amplitudes each, min-max scaled; wd = 0.05 / n; float64; Adam then L-BFGS):
+
+* ``paper_cnn``: the paper's 740-parameter 1D CNN (``scalable_hbt.physics.PaperCNN``);
+* ``mlp``: Flatten · Linear(924→4) · Tanh · Linear(4→2), 3,710 parameters.
+
+Each problem carries the test points of the four methods: 5 points (deep LL, inside LL,
+transition, inside CDW, deep CDW) for influence and RelatIF, the 50-point reference test
+set for RUE, and the test set with 10 % of its points made out-of-distribution by
+permuting their components (the paper's OOD experiment) for LEES.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from scalable_hbt import Objective, Toolbox
+from scalable_hbt.physics import (
+    PAPER_OOD_FRACTION,
+    MinMaxScaler,
+    PaperCNN,
+    paper_weight_decay,
+    test_set,
+    train_model,
+    training_set,
+)
+
+DTYPE = torch.float64
+PICK_V1 = (0.1, 0.5, 1.0, 3.0, 30.0)
+"""V1 of the influence / RelatIF test points (nearest reference test points)."""
+
+
+def physics_mlp() -> nn.Module:
+    """Flatten · Linear(924→4) · Tanh · Linear(4→2): 924·4 + 4 + 4·2 + 2 = 3,710 parameters."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(924, 4), nn.Tanh(), nn.Linear(4, 2))
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "paper_cnn": (PaperCNN, "the paper's 1D CNN (Conv1d×3, Linear 140→2), 740 parameters"),
+    "mlp": (physics_mlp, "MLP Flatten·Linear(924→4)·Tanh·Linear(4→2), 3,710 parameters"),
+}
+
+
+@dataclass
+class PhysicsProblem:
+    """A trained float64 model, its objective, the test data of every method and the dense oracle.
+
+    Shapes: ``picks`` (5, 1, 924) with labels (5,); ``test`` (50, 1, 924); ``ood_inputs``
+    (50, 1, 924) with the boolean ``ood`` mask (50,).
+    """
+
+    name: str
+    description: str
+    objective: Objective
+    picks: tuple[Tensor, Tensor]
+    test: Tensor
+    ood_inputs: Tensor
+    ood: np.ndarray
+    exact: Toolbox
+    fit_seconds: float
+    train_seconds: float
+
+    @property
+    def damping(self) -> float:
+        """δ = max(−λ_min, 0) + 0.01 from the dense spectrum (the paper's rule)."""
+        return self.exact.damping
+
+    def info(self) -> dict[str, Any]:
+        obj = self.objective
+        return {"model": self.name, "description": self.description, "M": obj.num_params, "n": obj.n,
+                "weight_decay": obj.weight_decay, "damping": self.damping, "dtype": "float64",
+                "device": str(obj.device), "dense_fit_seconds": self.fit_seconds,
+                "dense_fit_hvps": self.exact.hessian.num_hvps, "training_seconds": self.train_seconds,
+                "n_test": len(self.test), "n_ood": int(self.ood.sum())}
+
+
+def build_problem(name: str, n_per_phase: int, device: str, seed: int = 0) -> PhysicsProblem:
+    """Generate the data, train ``MODELS[name]`` and fit the dense oracle (timed)."""
+    make_model, description = MODELS[name]
+    train = training_set(12, n_per_phase, progress=False)
+    test = test_set(12, progress=False)
+    test_ood = test_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=seed, progress=False)
+    scaler = MinMaxScaler.fit(train.amplitudes)
+    X, y = train.tensors(scaler, DTYPE)
+    Xt, yt = test.tensors(scaler, DTYPE)
+    Xo, _ = test_ood.tensors(scaler, DTYPE)
+    wd = paper_weight_decay(len(X))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = make_model().to(DTYPE).to(device)
+    t0 = time.perf_counter()
+    result = train_model(model, X, y, weight_decay=wd, epochs=40, lr=1e-2, seed=seed, batch_size=50, progress=False)
+    train_seconds = time.perf_counter() - t0
+    obj = Objective(result.model, "cross_entropy", (X, y), weight_decay=wd, batch_size=250, device=device,
+                    dtype=DTYPE, progress=False)
+    idx = [int(np.argmin(np.abs(test.v1 - v))) for v in PICK_V1]
+    exact = Toolbox(obj, damping="auto", inverse="dense", eigen="dense")
+    t0 = time.perf_counter()
+    exact.fit()
+    fit_seconds = time.perf_counter() - t0
+    return PhysicsProblem(name, description, obj, (Xt[idx], yt[idx]), Xt, Xo, np.asarray(test_ood.ood, dtype=bool),
+                          exact, fit_seconds, train_seconds)
