@@ -260,6 +260,17 @@ def engine_section(ctx: Context, data: dict) -> list[str]:
     return out
 
 
+def separate_runs_section() -> list[str]:
+    """Pointers to the measurements too long for this suite (each file names its own command,
+    machine and date)."""
+    return ["## 6. Measured separately", "",
+            "- The ≥ 10 M-parameter network (time and per-phase peak memory against (m + 4)·M·4 B + "
+            "activations) and the strong scaling of a full-data HVP over 1 vs 2 gloo processes: "
+            "`benchmarks/SCALING.md` (`examples/large_network.py`, `benchmarks/distributed_scaling.py`).",
+            "- Every backend against the dense oracle on the paper's CNN at n = 200 with the slow test's "
+            "settings: `benchmarks/BACKENDS.md` (`tests/test_paper_cnn.py`).", ""]
+
+
 def render(data: dict, *, command: str, outcome: str, wall: float | None, json_name: str,
            plots: list[str]) -> str:
     """The whole RESULTS.md."""
@@ -277,4 +288,5 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     out.append("")
     for section in (accuracy_section, peers_section, scaling_section, limit_section, engine_section):
         out += section(ctx, data)
+    out += separate_runs_section()
     return "\n".join(out)

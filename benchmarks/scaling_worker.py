@@ -14,9 +14,9 @@ Operations (each timed once after the problem is built; the gradient is timed be
 * ``kfac``: ``KFACCurvature`` fit (one pass over the data);
 * ``dense``: ``DenseCurvature`` fit (M HVPs + eigh; only for small M).
 
-Peak memory: on CPU the growth of the process's resident-set high-water mark (``VmHWM``,
-which sees torch's allocations, unlike ``tracemalloc``) from just before the operation to
-its end; on CUDA ``torch.cuda.max_memory_allocated``.
+Peak memory: ``scalable_hbt.memory.PeakMemory`` around the operation — on CPU the resident
+set size sampled during it (which sees torch's allocations, unlike ``tracemalloc``) above
+its value just before; on CUDA the allocator's peak above the memory allocated before.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import time
 
@@ -36,6 +35,7 @@ from torch import nn  # noqa: E402
 
 from scalable_hbt import HessianOperator, Objective  # noqa: E402
 from scalable_hbt.curvature import DenseCurvature, KFACCurvature, LanczosCurvature, LiSSACurvature  # noqa: E402
+from scalable_hbt.memory import PeakMemory  # noqa: E402
 
 IN_FEATURES, CLASSES = 64, 10
 OPS = ("hvp", "lanczos", "lissa", "kfac", "dense")
@@ -51,25 +51,6 @@ def mlp_for(M: int) -> nn.Sequential:
     """Linear(64→w) · ReLU · Linear(w→w) · ReLU · Linear(w→10) with w = ``width_for(M)``."""
     w = width_for(M)
     return nn.Sequential(nn.Linear(IN_FEATURES, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, CLASSES))
-
-
-def peak_bytes(device: torch.device) -> int:
-    """Peak memory so far: this process's RSS high-water mark (CPU) or CUDA's allocator peak.
-
-    On Linux ``VmHWM`` from /proc/self/status: unlike ``getrusage``'s ru_maxrss, which a child
-    inherits from its parent at fork (a large pytest parent would hide every growth), it
-    belongs to this process's own address space.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sync(device: torch.device) -> None:
@@ -104,18 +85,16 @@ def measure(op: str, M: int, n: int, batch_size: int, device: str) -> dict:
         "kfac": lambda: KFACCurvature().fit(op_h),
         "dense": lambda: DenseCurvature().fit(op_h),
     }
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    base = peak_bytes(dev)
     h0 = op_h.num_hvps
-    _sync(dev)
-    t0 = time.perf_counter()
-    actions[op]()
-    _sync(dev)
-    seconds = time.perf_counter() - t0
+    with PeakMemory(dev) as memory:  # sampled RSS on CPU, the allocator's peak on CUDA
+        _sync(dev)
+        t0 = time.perf_counter()
+        actions[op]()
+        _sync(dev)
+        seconds = time.perf_counter() - t0
     return {"op": op, "M": obj.num_params, "M_target": M, "width": width_for(M), "n": n, "batch_size": batch_size,
             "device": device, "seconds": seconds, "gradient_seconds": grad_s, "hvps": float(op_h.num_hvps - h0),
-            "peak_bytes": max(peak_bytes(dev) - base, 0), "param_bytes": obj.num_params * 4}
+            "peak_bytes": max(memory.increase, 0), "param_bytes": obj.num_params * 4}
 
 
 def main(argv: list[str] | None = None) -> int:
