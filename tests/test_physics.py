@@ -480,6 +480,64 @@ def test_train_model_float32_and_bad_input(one_thread):
         train_model(SizeInvariantCNN(), X, y.float(), weight_decay=0.0, epochs=1, lr=1e-3, seed=0)
 
 
+@pytest.mark.parametrize("schedule, factors", [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    ("step", [1.0, 1.0, 0.1, 0.01]),  # lr/10 from epoch E/2, lr/100 from 3E/4
+    ("cosine", [(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),
+])
+def test_sgd_mode_is_plain_gradient_descent_with_the_schedule(one_thread, schedule, factors):
+    """Full batch, momentum 0, no dropout, no polish: theta_{e+1} = theta_e - lr_e grad L(theta_e)."""
+    X, y = _tiny_problem()
+    wd, lr = paper_weight_decay(len(y)), 0.05
+    torch.manual_seed(0)
+    model = SizeInvariantCNN(dropout=0.0).double()
+    reference = SizeInvariantCNN(dropout=0.0).double()
+    reference.load_state_dict(model.state_dict())
+    result = train_model(model, X, y, weight_decay=wd, epochs=4, lr=lr, seed=0, optimizer="sgd",
+                         momentum=0.0, schedule=schedule, lbfgs_iterations=0, progress=False)
+    assert result.lbfgs_iterations == 0 and not result.model.training
+    params = list(reference.parameters())
+    for factor in factors:
+        value = (torch.nn.functional.cross_entropy(reference(X), y)
+                 + 0.5 * wd * sum((p * p).sum() for p in params))
+        grads = torch.autograd.grad(value, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * factor * g
+    for got, want in zip(result.model.parameters(), params):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_sgd_mode_is_seeded(one_thread):
+    """Mini-batch SGD with momentum and dropout on: same seed, same parameters; one objective
+    value per epoch and no L-BFGS iteration. (That it learns is checked at L = 12 by the slow
+    tests in test_paper_findings.py; this tiny set barely moves SGD off ln 2.)"""
+    X, y = _tiny_problem()
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(0)
+        model = SizeInvariantCNN().double()
+        runs.append(train_model(model, X, y, weight_decay=paper_weight_decay(len(y)), epochs=30, lr=0.05,
+                                seed=seed, batch_size=10, optimizer="sgd", schedule="step",
+                                lbfgs_iterations=0, progress=False))
+    first, again, other = runs
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    assert other.objective != first.objective
+    assert first.lbfgs_iterations == 0 and len(first.history) == 30 and not first.model.training
+
+
+def test_train_model_rejects_bad_optimizer_settings():
+    X, y = _tiny_problem()
+    common = dict(weight_decay=0.0, epochs=1, lr=1e-3, seed=0, progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_model(SizeInvariantCNN(), X, y, optimizer="rmsprop", **common)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="momentum"):
+        train_model(SizeInvariantCNN(), X, y, optimizer="sgd", momentum=1.0, **common)
+    with pytest.raises(ValueError, match="schedule"):
+        train_model(SizeInvariantCNN(), X, y, schedule="linear", **common)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------- L = 12
 
 

@@ -5,7 +5,8 @@
 * `datasets`: the paper's labelled training and test sets, min-max scaling, and the
   sign-flip and permuted (out-of-distribution) variants.
 * `models`: the paper's 740-parameter CNN, a 1675-parameter size-invariant CNN with global
-  average pooling, and a seeded Adam + L-BFGS training routine.
+  average pooling, and a seeded training routine in two regimes (Adam + L-BFGS to a tight
+  minimum, or SGD with momentum and a decreasing learning rate stopped after a fixed budget).
 
 This subpackage imports nothing from the rest of `scalable_hbt`.
 """
@@ -35,7 +36,9 @@ from .hubbard import (
     site_occupations,
 )
 from .models import (
+    Optimizer,
     PaperCNN,
+    Schedule,
     SizeInvariantCNN,
     TrainingResult,
     count_parameters,
@@ -64,7 +67,9 @@ __all__ = [
     "test_set",
     "training_grid",
     "training_set",
+    "Optimizer",
     "PaperCNN",
+    "Schedule",
     "SizeInvariantCNN",
     "TrainingResult",
     "count_parameters",
