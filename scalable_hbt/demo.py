@@ -207,12 +207,17 @@ def stand_out(v1: np.ndarray, values: np.ndarray, marked: np.ndarray, neighbours
 
 
 def above_neighbours(values: np.ndarray, marked: np.ndarray) -> np.ndarray:
-    """For every marked point (in order), whether its value exceeds both its neighbours' in the
-    array order (one neighbour at either end); the paper's test of LEES on permuted points."""
+    """For every marked point (in order), whether its value exceeds those of its nearest
+    unmarked neighbours on either side in the array order (one neighbour at either end): the
+    paper's test of LEES on permuted points against their in-distribution neighbours."""
     values, marked = np.asarray(values, float), np.asarray(marked, bool)
-    padded = np.concatenate([[-np.inf], values, [-np.inf]])
-    idx = np.flatnonzero(marked)
-    return (values[idx] > padded[idx]) & (values[idx] > padded[idx + 2])
+    unmarked = np.flatnonzero(~marked)
+    out = []
+    for i in np.flatnonzero(marked):
+        left, right = unmarked[unmarked < i], unmarked[unmarked > i]
+        neighbours = ([values[left[-1]]] if left.size else []) + ([values[right[0]]] if right.size else [])
+        out.append(all(values[i] > v for v in neighbours))
+    return np.array(out, dtype=bool)
 
 
 def uncertain_region(v1: np.ndarray, rue: np.ndarray) -> dict[str, Any]:

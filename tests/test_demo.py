@@ -148,10 +148,12 @@ def test_agreement_and_resolved_mask():
 
 
 def test_above_neighbours():
-    values = np.array([5.0, 1.0, 3.0, 2.0, 2.5, 2.4, 9.0])
-    marked = np.array([1, 0, 1, 0, 1, 1, 1], bool)
-    # 5 > 1 (end); 3 > 1, 2; 2.5 > 2 but not > 2.4 ... 2.4 < 2.5; 9 > 2.4 (end)
-    assert above_neighbours(values, marked).tolist() == [True, True, True, False, True]
+    values = np.array([5.0, 1.0, 3.0, 2.0, 2.5, 0.1, 2.6, 9.0, 0.5])
+    marked = np.array([1, 0, 1, 0, 1, 1, 0, 0, 1], bool)
+    # compared with the nearest unmarked point on each side, skipping marked ones:
+    # 5 > 1 (start); 3 > 1, 2; 2.5 > 2 but not > 2.6; 0.1 < 2; 0.5 < 9 (end)
+    assert above_neighbours(values, marked).tolist() == [True, True, False, False, False]
+    assert above_neighbours(values, np.zeros(9, bool)).size == 0
 
 
 def test_uncertain_region_paper_threshold_and_relative():
