@@ -4,7 +4,8 @@ Every test states a finding as the paper states it, on models trained in the pap
 regime (``DemoConfig(regime="stopped")``: SGD with momentum / Adam with a decreasing learning
 rate for a fixed budget, dropout on, no polish; ``damping="auto"`` for the indefinite
 Hessian). A finding that does not reproduce is a strict xfail whose reason carries the
-measured numbers (examples/README.md has them across seeds); it is never loosened.
+measured numbers (examples/README.md has them across seeds); it is never loosened. With
+seed 0: Fig. 3's finding passes; Fig. 5's and Fig. 6's are strict xfails.
 
 * Fig. 5 (section III C, the paper CNN, 1000 training points): every permuted (OOD) test
   point has a higher LEES than its in-distribution neighbours.
@@ -15,7 +16,8 @@ measured numbers (examples/README.md has them across seeds); it is never loosene
   CDW-I, RelatIF's five most helpful training points lie deeper in CDW-I than influence's.
 
 The size-invariant models use ``DemoConfig.side_points_per_phase`` (100) points per phase,
-as the demo's size comparison; all three fixtures together take about 3 minutes on one core.
+as the demo's size comparison. The fixtures dominate the run time: about 7 minutes on this
+shared 2-core machine (the L = 12 dense and L = 14 CG fits of the GAP CNN take most of it).
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def gap_cnns() -> dict[int, tuple[PhaseDataset, PhaseDataset, TrainedModel, Tool
     return out
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "does not reproduce: seed 0, m = 12: the permuted points at V1 = 0.16, 0.55, 0.80 (LL) stand "
+    "above their in-distribution neighbours, those at V1 = 3.58, 4.06 (CDW-I) do not (LEES at the "
+    "CDW-I floor); AUROC 0.65 (seeds 1, 2: 4/5 above, AUROC 0.71, 0.88; examples/README.md)"))
 def test_every_permuted_point_has_a_higher_lees_than_its_neighbours(paper_cnn):
     """Fig. 5: "the LEES perfectly highlights each of them, being significantly larger for all
     OOD test points than its neighbors" (m = 12, predicted labels, as the paper)."""
@@ -105,19 +111,27 @@ def test_every_permuted_point_has_a_higher_lees_than_its_neighbours(paper_cnn):
                          f"above both in-distribution neighbours {above.tolist()}")
 
 
-def _rue_width(L: int, gap_cnns, rule: str) -> float:
-    _, test, trained, tb = gap_cnns[L]
-    X, _ = trained.tensors(test)
-    rue = tb.rue(X, n_bootstrap=50, seed=SEED, labels="predicted").numpy()
-    return uncertain_region(test.v1, rue)[rule]["width"]
+@pytest.fixture(scope="module")
+def rue_regions(gap_cnns) -> dict[int, dict]:
+    """``uncertain_region`` of each L's RUE on its reference test set (predicted labels,
+    δ' = δ + 1, 50 bootstrap samples, as the paper's Fig. 6)."""
+    out = {}
+    for L, (_, test, trained, tb) in gap_cnns.items():
+        X, _ = trained.tensors(test)
+        out[L] = uncertain_region(test.v1, tb.rue(X, n_bootstrap=50, seed=SEED, labels="predicted").numpy())
+    return out
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "does not reproduce: seed 0, RUE > 5e-5 for V1 in [0.60, 1.91] (width 1.31) at L = 12 and "
+    "[0.50, 2.46] (width 1.95) at L = 14; > 5 % of max in [1.02, 1.49] (0.47) vs [1.16, 1.91] (0.76) "
+    "(paper: [1, 3.6] vs [1, 2.8]; examples/README.md)"))
 @pytest.mark.parametrize("rule", ["paper_5e-5", "relative_5pct"])
-def test_uncertain_region_is_narrower_for_14_sites(gap_cnns, rule):
+def test_uncertain_region_is_narrower_for_14_sites(rue_regions, rule):
     """Fig. 6: "the non-zero RUE regime is always narrower in the 14-site case, regardless of
-    the chosen threshold" (RUE with predicted labels, δ' = δ + 1, 50 bootstrap samples)."""
-    width = {L: _rue_width(L, gap_cnns, rule) for L in (12, 14)}
-    assert width[14] < width[12], f"width of the RUE > threshold region: {width}"
+    the chosen threshold" (the paper's 5e-5, and 5 % of the largest RUE)."""
+    regions = {L: rue_regions[L][rule] for L in (12, 14)}
+    assert regions[14]["width"] < regions[12]["width"], f"RUE > threshold regions: {regions}"
 
 
 def test_relatif_follows_a_deep_cdw_point_deeper_than_influence(gap_cnns):
