@@ -66,7 +66,7 @@ FIG3_TEST_V1 = {"deep_LL": 0.1, "transition": 1.0, "deep_CDW": 30.0}
 """Fig. 3's test points: the reference test points nearest to these V1 values."""
 
 SIGN_LR = 1e-3
-"""Adam learning rate for the sign-flipped training sets in the tight regime: at 1e-2 the paper
+"""Adam learning rate (+ L-BFGS) for the sign-flipped training sets of Fig. 4: at 1e-2 the paper
 CNN collapses to a constant output on them (objective ln 2, all ReLUs dead) for seeds 0 and 1;
 1e-3 trains."""
 
@@ -148,7 +148,13 @@ class DemoConfig:
 
     def recipe(self, network: Network) -> TrainingRecipe:
         """How to train ``network``: "paper" (the 740-parameter CNN), "gap" (the size-invariant
-        CNN) or "sign" (the paper CNN on the sign-flipped sets of Fig. 4), in ``self.regime``."""
+        CNN), in ``self.regime``, or "sign" (the paper CNN on the sign-flipped sets of Fig. 4,
+        Adam at ``SIGN_LR`` + L-BFGS in either regime)."""
+        if network == "sign":
+            # both regimes: on the sign-flipped sets (100 points per phase) neither SGD (the paper CNN
+            # recipe: objective 0.61 imbalanced, 0.69 balanced) nor Adam 1e-3 without the polish
+            # (0.69) leaves the ln 2 plateau within its budget; Adam 1e-3 + L-BFGS does
+            return replace(TIGHT_RECIPE, lr=SIGN_LR)
         if self.regime == "stopped":
             return PAPER_CNN_RECIPE if network == "paper" else GAP_CNN_RECIPE
         return TIGHT_RECIPE if network == "paper" else replace(TIGHT_RECIPE, lr=SIGN_LR)

@@ -206,6 +206,7 @@ def test_config_defaults():
     stopped, tight = DemoConfig(), DemoConfig(regime="tight")
     assert stopped.recipe("paper").optimizer == "sgd" and stopped.recipe("paper").lbfgs_iterations == 0
     assert stopped.recipe("gap").lbfgs_iterations == 0 and tight.recipe("paper").lbfgs_iterations > 0
+    assert stopped.recipe("sign") == tight.recipe("sign") and stopped.recipe("sign").lbfgs_iterations > 0
     # the same number of SGD steps on the full and the quick training set
     assert stopped.recipe("paper").epochs(1000) == 100 and stopped.recipe("paper").epochs(200) == 500
     with pytest.raises(ValueError, match="regime"):
