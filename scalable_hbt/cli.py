@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="figures to draw: comma-separated fig3,fig4,fig5,fig6, or 'all' or 'none' "
                            "(default: all; --quick: fig3,fig5,fig6)")
     demo.add_argument("--size-comparison", action="store_true",
-                      help="Fig. 6: also train the size-invariant CNN on 12 and 14 sites (about 3 extra minutes)")
+                      help="Fig. 6: also train the size-invariant CNN on 12 and 14 sites (4-10 extra minutes)")
     demo.add_argument("--regime", choices=("stopped", "tight"), default="stopped",
                       help="training regime: 'stopped' (the paper's: SGD with momentum and a decreasing learning "
                            "rate for a fixed budget, no polish) or 'tight' (Adam + L-BFGS to a tight minimum) "
