@@ -116,7 +116,8 @@ class DemoConfig:
         figures: figures to draw; None means all (full mode) or ``QUICK_FIGURES`` (quick).
         n_per_phase, epochs: override the sizes (used by the tests for a tiny run).
         size_comparison: also train the size-invariant CNN on 12 and 14 sites for Fig. 6
-            (4-10 extra minutes: an ARPACK lambda_min and CG RUE per size; off by default to keep the full demo within 10 minutes).
+            (4-10 extra minutes: an ARPACK lambda_min and CG RUE per size; off by default to
+            keep the full demo within 10 minutes).
         regime: "stopped" (default, the paper's regime) or "tight" (see ``REGIMES``).
     """
 
