@@ -2,7 +2,9 @@
 
 Half-filled 1D spinless Fermi-Hubbard chain (L = 12 sites, 924 Fock amplitudes per ground
 state), labelled Luttinger liquid (V1 ≤ 1) or CDW-I; the paper's 740-parameter 1D CNN
-trained in float64 to a tight minimum with wd = 0.05 / n. Then:
+trained in float64 with wd = 0.05 / n in the paper's regime (``--regime stopped``, default:
+SGD with momentum and a decreasing learning rate, stopped after a fixed budget, not polished;
+``--regime tight``: Adam + L-BFGS to a tight minimum). Then:
 
 1. one exact dense curvature fit (the oracle) and all four methods with it;
 2. the same methods with the matrix-free backends — CG and deflated full-batch LiSSA for
@@ -21,9 +23,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,14 +36,17 @@ from torch import nn
 from . import Objective, Toolbox
 from .curvature import CGCurvature, LanczosCurvature, LiSSACurvature
 from .physics import (
+    GAP_CNN_RECIPE,
+    PAPER_CNN_RECIPE,
+    TIGHT_RECIPE,
     MinMaxScaler,
     PaperCNN,
     PhaseDataset,
     SizeInvariantCNN,
+    TrainingRecipe,
     cdw_order_parameter,
     paper_weight_decay,
     test_set,
-    train_model,
     training_set,
 )
 from .physics import figures
@@ -61,11 +66,25 @@ FIG3_TEST_V1 = {"deep_LL": 0.1, "transition": 1.0, "deep_CDW": 30.0}
 """Fig. 3's test points: the reference test points nearest to these V1 values."""
 
 SIGN_LR = 1e-3
-"""Adam learning rate for the sign-flipped training sets: at 1e-2 the paper CNN collapses to
-a constant output on them (objective ln 2, all ReLUs dead) for seeds 0 and 1; 1e-3 trains."""
+"""Adam learning rate (+ L-BFGS) for the sign-flipped training sets of Fig. 4: at 1e-2 the paper
+CNN collapses to a constant output on them (objective ln 2, all ReLUs dead) for seeds 0 and 1;
+1e-3 trains."""
+
+LEES_M = 12
+"""Hessian eigenvectors removed for LEES, the paper's m (its threshold rule with tau = 0.1)."""
+
+Regime = Literal["stopped", "tight"]
+REGIMES: tuple[str, ...] = ("stopped", "tight")
+"""Training regimes: "stopped" (the paper's: SGD / Adam with a decreasing learning rate for a
+fixed budget, no polish, an indefinite Hessian) and "tight" (Adam + L-BFGS to a tight minimum)."""
+
+Network = Literal["paper", "gap", "sign"]
 
 RUE_THRESHOLD = 5e-5
 """The paper's RUE threshold for the width of the uncertain region (section III D)."""
+
+SATURATED_LOSS = 1e-6
+"""A training point is *saturated* when its cross-entropy is below this (its gradient ~ loss)."""
 
 DTYPE = torch.float64
 
@@ -90,15 +109,16 @@ class DemoConfig:
 
     Attributes:
         out: output folder for ``report.json`` and the PNG figures.
-        quick: 100 training points per phase instead of 500, fewer Adam epochs, Fig. 4 off
-            by default.
+        quick: 100 training points per phase instead of 500, Fig. 4 off by default.
         device: torch device.
         seed: seeds training, the sign / OOD choices, LiSSA, Lanczos and the RUE bootstrap.
         progress: show progress bars.
         figures: figures to draw; None means all (full mode) or ``QUICK_FIGURES`` (quick).
         n_per_phase, epochs: override the sizes (used by the tests for a tiny run).
         size_comparison: also train the size-invariant CNN on 12 and 14 sites for Fig. 6
-            (about 3 extra minutes; off by default to keep the full demo within 10 minutes).
+            (4-10 extra minutes: an ARPACK lambda_min and CG RUE per size; off by default to
+            keep the full demo within 10 minutes).
+        regime: "stopped" (default, the paper's regime) or "tight" (see ``REGIMES``).
     """
 
     out: Path = Path("hbt_demo_output")
@@ -110,6 +130,11 @@ class DemoConfig:
     n_per_phase: int | None = None
     epochs: int | None = None
     size_comparison: bool = False
+    regime: Regime = "stopped"
+
+    def __post_init__(self) -> None:
+        if self.regime not in REGIMES:
+            raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {self.regime!r}.")
 
     @property
     def points_per_phase(self) -> int:
@@ -122,10 +147,18 @@ class DemoConfig:
         comparison): at most 100, which keeps the full demo within its 10-minute budget."""
         return min(self.points_per_phase, 100)
 
-    @property
-    def adam_epochs(self) -> int:
-        """Adam epochs before L-BFGS."""
-        return self.epochs if self.epochs is not None else (40 if self.quick else 60)
+    def recipe(self, network: Network) -> TrainingRecipe:
+        """How to train ``network``: "paper" (the 740-parameter CNN), "gap" (the size-invariant
+        CNN), in ``self.regime``, or "sign" (the paper CNN on the sign-flipped sets of Fig. 4,
+        Adam at ``SIGN_LR`` + L-BFGS in either regime)."""
+        if network == "sign":
+            # both regimes: on the sign-flipped sets (100 points per phase) neither SGD (the paper CNN
+            # recipe: objective 0.61 imbalanced, 0.69 balanced) nor Adam 1e-3 without the polish
+            # (0.69) leaves the ln 2 plateau within its budget; Adam 1e-3 + L-BFGS does
+            return replace(TIGHT_RECIPE, lr=SIGN_LR)
+        if self.regime == "stopped":
+            return PAPER_CNN_RECIPE if network == "paper" else GAP_CNN_RECIPE
+        return TIGHT_RECIPE if network == "paper" else replace(TIGHT_RECIPE, lr=SIGN_LR)
 
     @property
     def selected_figures(self) -> tuple[str, ...]:
@@ -180,6 +213,34 @@ def stand_out(v1: np.ndarray, values: np.ndarray, marked: np.ndarray, neighbours
     return out
 
 
+def above_neighbours(values: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """For every marked point (in order), whether its value exceeds those of its nearest
+    unmarked neighbours on either side in the array order (one neighbour at either end): the
+    paper's test of LEES on permuted points against their in-distribution neighbours."""
+    values, marked = np.asarray(values, float), np.asarray(marked, bool)
+    unmarked = np.flatnonzero(~marked)
+    out = []
+    for i in np.flatnonzero(marked):
+        left, right = unmarked[unmarked < i], unmarked[unmarked > i]
+        neighbours = ([values[left[-1]]] if left.size else []) + ([values[right[0]]] if right.size else [])
+        out.append(all(values[i] > v for v in neighbours))
+    return np.array(out, dtype=bool)
+
+
+def uncertain_region(v1: np.ndarray, rue: np.ndarray) -> dict[str, Any]:
+    """Where RUE exceeds the paper's threshold ``RUE_THRESHOLD`` and 5 % of its maximum: per
+    rule the threshold, the V1 range [min, max] of the points above it (None if none) and its
+    width max − min (0 if none)."""
+    v1, rue = np.asarray(v1), np.asarray(rue)
+    out: dict[str, Any] = {}
+    for name, threshold in (("paper_5e-5", RUE_THRESHOLD), ("relative_5pct", 0.05 * rue.max())):
+        above = v1[rue > threshold]
+        out[name] = {"threshold": float(threshold),
+                     "v1_range": [float(above.min()), float(above.max())] if above.size else None,
+                     "width": float(np.ptp(above)) if above.size else 0.0}
+    return out
+
+
 # --------------------------------------------------------------------------- building blocks
 @contextmanager
 def _timed(timings: dict[str, float], key: str, log: bool = False) -> Iterator[None]:
@@ -213,30 +274,53 @@ class TrainedModel:
         """Test data scaled with the training set's min and max."""
         return data.tensors(self.scaler, DTYPE)
 
+    def predict(self, data: PhaseDataset) -> np.ndarray:
+        """Predicted labels (argmax of the logits) of ``data``, shape (N,)."""
+        X, _ = self.tensors(data)
+        with torch.no_grad():
+            return self.model(X.to(self.device)).argmax(1).cpu().numpy()
+
     def accuracy(self, data: PhaseDataset) -> float:
         """Fraction of ``data`` classified correctly."""
-        X, y = self.tensors(data)
+        return float((self.predict(data) == data.labels).mean())
+
+    def misclassified(self, data: PhaseDataset) -> np.ndarray:
+        """V1 of the misclassified points of ``data``."""
+        return data.v1[self.predict(data) != data.labels]
+
+    def saturated_fraction(self, tol: float = SATURATED_LOSS) -> float:
+        """Fraction of training points whose cross-entropy is below ``tol`` (saturated)."""
         with torch.no_grad():
-            return (self.model(X.to(self.device)).argmax(1).cpu() == y).double().mean().item()
+            losses = torch.nn.functional.cross_entropy(self.model(self.X.to(self.device)), self.y.to(self.device),
+                                                       reduction="none")
+        return (losses < tol).double().mean().item()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
 
-def _train(make_model: Callable[[], nn.Module], train: PhaseDataset, cfg: DemoConfig,
-           lr: float = 1e-2) -> TrainedModel:
-    """Build a model (initialised with ``cfg.seed``) and train it in float64 on ``train``:
-    Adam at ``lr``, then L-BFGS, with the paper's wd = 0.05 / n."""
+def train_classifier(make_model: Callable[[], nn.Module], train: PhaseDataset, recipe: TrainingRecipe, *,
+                     seed: int, device: str = "cpu", epochs: int | None = None,
+                     progress: bool = True) -> TrainedModel:
+    """Build a model (initialised with ``seed``) and train it in float64 on ``train`` with
+    ``recipe`` (``epochs`` overrides its epoch count) and the paper's wd = 0.05 / n."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         model = make_model()
     scaler = MinMaxScaler.fit(train.amplitudes)
     X, y = train.tensors(scaler, DTYPE)
     wd = paper_weight_decay(len(X))
-    result = train_model(model.to(DTYPE).to(cfg.device), X, y, weight_decay=wd, epochs=cfg.adam_epochs, lr=lr,
-                         seed=cfg.seed, batch_size=50, progress=cfg.progress)
+    result = recipe.train(model.to(DTYPE).to(device), X, y, weight_decay=wd, seed=seed, epochs=epochs,
+                          progress=progress)
     return TrainedModel(result.model, scaler, X, y, wd, result.objective, result.grad_norm)
+
+
+def _train(make_model: Callable[[], nn.Module], network: Network, train: PhaseDataset,
+           cfg: DemoConfig) -> TrainedModel:
+    """``train_classifier`` with the configuration's recipe for ``network``, seed and device."""
+    return train_classifier(make_model, train, cfg.recipe(network), seed=cfg.seed, device=cfg.device,
+                            epochs=cfg.epochs, progress=cfg.progress)
 
 
 def _matrix_free_toolbox(obj: Objective, cfg: DemoConfig, damping: float | str = "auto") -> Toolbox:
@@ -261,6 +345,7 @@ class MethodResults:
     rue_analytic: np.ndarray
     lees: np.ndarray
     lees_pure_loss: np.ndarray
+    lees_threshold: np.ndarray
     rows: list[dict[str, Any]]
     curvature: dict[str, Any]
 
@@ -314,8 +399,8 @@ def _compare_backends(main: TrainedModel, picks: tuple[torch.Tensor, torch.Tenso
         ("rue_analytic", "cg", lambda: free.rue(Xt, method="analytic", labels="predicted")),
         ("rue_bootstrap", "dense", lambda: exact.rue(Xt, n_bootstrap=50, seed=cfg.seed, labels="predicted")),
         ("rue_bootstrap", "cg", lambda: free.rue(Xt, n_bootstrap=50, seed=cfg.seed, labels="predicted")),
-        ("lees", "dense", lambda: exact.extrapolation_score(Xo)),
-        ("lees", "lanczos", lambda: free.extrapolation_score(Xo)),
+        ("lees", "dense", lambda: exact.extrapolation_score(Xo, m=LEES_M)),
+        ("lees", "lanczos", lambda: free.extrapolation_score(Xo, m=LEES_M)),
     ]
     lees_m: dict[str, int] = {}
     for method, backend, call in calls:
@@ -328,14 +413,18 @@ def _compare_backends(main: TrainedModel, picks: tuple[torch.Tensor, torch.Tenso
             extra["m"] = lees_m[backend]
         row(method, backend, key, values, **extra)
 
-    # LEES of the pure loss gradient (without wd·θ̃, which every test gradient shares)
-    lees_pure_loss = _np(exact.extrapolation_score(Xo, test_loss="loss"))
-    curvature = {"damping": exact.damping,
+    # LEES of the pure loss gradient (without wd·θ̃, which every test gradient shares), and with
+    # m from the threshold rule (eigenvalues > 0.1 removed, at least 2)
+    lees_pure_loss = _np(exact.extrapolation_score(Xo, m=LEES_M, test_loss="loss"))
+    lees_threshold = _np(exact.extrapolation_score(Xo, m=None, threshold=0.1))
+    lees_m["dense, threshold 0.1"] = exact.last_m
+    curvature = {"damping": exact.damping, "min_eigenvalue": exact.eigen.min_eigenvalue(),
                  "top_eigenvalues": _np(exact.eigen.eigh(5)[0]).tolist(), "lees_m": lees_m,
                  "dense": dict(exact.diagnostics["inverse"]), "cg": dict(free.diagnostics["inverse"]),
                  "lanczos": dict(free.diagnostics["eigen"]), "lissa": dict(lissa.diagnostics["inverse"])}
     return MethodResults(exact_out["influence"], exact_out["relatif"], exact_out["rue_bootstrap"],
-                         exact_out["rue_analytic"], exact_out["lees"], lees_pure_loss, rows, _jsonable(curvature))
+                         exact_out["rue_analytic"], exact_out["lees"], lees_pure_loss, lees_threshold, rows,
+                         _jsonable(curvature))
 
 
 def _jsonable(value: Any) -> Any:
@@ -363,7 +452,7 @@ def _sign_experiment(cfg: DemoConfig, transition_v1: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for variant, test_sign in (("imbalanced", "positive"), ("balanced", "negative")):
         train = training_set(12, cfg.side_points_per_phase, sign=variant, seed=cfg.seed, progress=cfg.progress)
-        trained = _train(PaperCNN, train, cfg, lr=SIGN_LR)
+        trained = _train(PaperCNN, "sign", train, cfg)
         tests = {sign: test_set(12, sign=sign, seed=cfg.seed, progress=cfg.progress)
                  for sign in ("positive", "negative")}
         target = tests[test_sign]
@@ -401,24 +490,13 @@ def _size_experiment(cfg: DemoConfig) -> dict[str, Any]:
     for L in (12, 14):
         train = training_set(L, cfg.side_points_per_phase, progress=cfg.progress)
         test = test_set(L, progress=cfg.progress)
-        trained = _train(SizeInvariantCNN, train, cfg)
+        trained = _train(SizeInvariantCNN, "gap", train, cfg)
         X, _ = trained.tensors(test)
         tb = _matrix_free_toolbox(trained.objective(cfg), cfg)
         rue = _np(tb.rue(X, n_bootstrap=50, seed=cfg.seed, labels="predicted"))
         out[str(L)] = {"v1": test.v1.tolist(), "rue": rue.tolist(), "accuracy": trained.accuracy(test),
                        "order_parameter": cdw_order_parameter(L, test.amplitudes).tolist(),
-                       "damping": tb.damping, "uncertain_region": _region(test.v1, rue)}
-    return out
-
-
-def _region(v1: np.ndarray, rue: np.ndarray) -> dict[str, Any]:
-    """Where RUE exceeds the paper's threshold and 5 % of its maximum."""
-    v1, rue = np.asarray(v1), np.asarray(rue)
-    out: dict[str, Any] = {}
-    for name, threshold in (("paper_5e-5", RUE_THRESHOLD), ("relative_5pct", 0.05 * rue.max())):
-        above = v1[rue > threshold]
-        out[name] = {"threshold": float(threshold),
-                     "v1_range": [float(above.min()), float(above.max())] if above.size else None}
+                       "damping": tb.damping, "uncertain_region": uncertain_region(test.v1, rue)}
     return out
 
 
@@ -434,7 +512,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         test = test_set(12, progress=cfg.progress)
         test_ood = test_set(12, ood_fraction=0.1, seed=cfg.seed, progress=cfg.progress)
     with _timed(timings, "training", cfg.progress):
-        main = _train(PaperCNN, train, cfg)
+        main = _train(PaperCNN, "paper", train, cfg)
 
     # test points deep in the LL phase, at the transition, deep in CDW-I (the paper's Fig. 3)
     picks = {name: int(np.argmin(np.abs(test.v1 - v1))) for name, v1 in FIG3_TEST_V1.items()}
@@ -456,26 +534,29 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                              "helpful_v1": train.v1[helpful].tolist(), "harmful_v1": train.v1[harmful].tolist(),
                              "values": values.tolist()}
         fig3_points[name] = entry
-    above_neighbours = [bool(res.lees[i] > max(res.lees[i - 1] if i > 0 else -np.inf,
-                                               res.lees[i + 1] if i + 1 < len(ood) else -np.inf))
-                        for i in np.flatnonzero(ood)]
     report: dict[str, Any] = {
         "example": "1D spinless Fermi-Hubbard, L=12, paper CNN (740 parameters)",
-        "config": {"quick": cfg.quick, "n_per_phase": cfg.points_per_phase, "adam_epochs": cfg.adam_epochs,
+        "config": {"quick": cfg.quick, "n_per_phase": cfg.points_per_phase, "regime": cfg.regime,
+                   "recipe": asdict(cfg.recipe("paper")), "epochs": cfg.recipe("paper").epochs(len(main.X))
+                   if cfg.epochs is None else cfg.epochs,
                    "seed": cfg.seed, "device": cfg.device, "figures": list(figure_names)},
         "n_train": len(main.X), "n_test": len(test), "num_params": obj.num_params, "weight_decay": main.weight_decay,
         "training": {"objective": main.objective_value, "grad_norm": main.grad_norm,
-                     "test_accuracy": main.accuracy(test)},
+                     "test_accuracy": main.accuracy(test), "misclassified_v1": main.misclassified(test).tolist(),
+                     "saturated_fraction": main.saturated_fraction()},
         "curvature": res.curvature,
         "comparison": res.rows,
         "influence_vs_relatif": {"v1_train": train.v1.tolist(), "test_points": fig3_points},
         "lees_ood": {"v1": test_ood.v1.tolist(), "ood": ood.tolist(), "lees": res.lees.tolist(),
                      "minimal_test_loss": ood_loss.tolist(), "auroc_lees": auroc(res.lees, ood),
                      "auroc_test_loss": auroc(ood_loss, ood), "lees_pure_loss": res.lees_pure_loss.tolist(),
-                     "auroc_lees_pure_loss": auroc(res.lees_pure_loss, ood),
-                     "ood_above_both_neighbours": int(sum(above_neighbours)), "n_ood": int(ood.sum())},
+                     "auroc_lees_pure_loss": auroc(res.lees_pure_loss, ood), "m": LEES_M,
+                     "auroc_lees_threshold_rule": auroc(res.lees_threshold, ood),
+                     "m_threshold_rule": res.curvature["lees_m"]["dense, threshold 0.1"],
+                     "ood_above_both_neighbours": int(above_neighbours(res.lees, ood).sum()),
+                     "n_ood": int(ood.sum())},
         "rue": {"v1": test.v1.tolist(), "bootstrap": res.rue.tolist(), "analytic": res.rue_analytic.tolist(),
-                "labels": "predicted", "uncertain_region": _region(test.v1, res.rue)},
+                "labels": "predicted", "uncertain_region": uncertain_region(test.v1, res.rue)},
         "seconds": timings,
     }
     if "fig4" in figure_names:
@@ -554,9 +635,11 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = [
         report["example"],
         f"  n_train = {report['n_train']}, n_test = {report['n_test']}, M = {report['num_params']}, "
-        f"test accuracy = {tr['test_accuracy']:.3f}, ‖∇L‖ = {tr['grad_norm']:.2e}",
-        f"  Hessian: top eigenvalues {', '.join(f'{v:.3g}' for v in c['top_eigenvalues'])}; "
-        f"damping (auto) δ = {c['damping']:.4g}",
+        f"test accuracy = {tr['test_accuracy']:.3f} (misclassified at V1 = {_v1s(tr['misclassified_v1'])}), "
+        f"‖∇L‖ = {tr['grad_norm']:.2e}, saturated training points {tr['saturated_fraction']:.2f} "
+        f"(regime {report['config']['regime']})",
+        f"  Hessian: top eigenvalues {', '.join(f'{v:.3g}' for v in c['top_eigenvalues'])}, "
+        f"λ_min = {c['min_eigenvalue']:.3g}; damping (auto) δ = {c['damping']:.4g}",
         "",
         format_table(report["comparison"]),
         "",
@@ -565,8 +648,9 @@ def format_summary(report: dict[str, Any]) -> str:
         lines.append(f"  Fig. 3 {name:<10} V1 = {tp['v1']:6.3f}: 5 most helpful at V1 "
                      f"{_v1s(tp['influence']['helpful_v1'])} (influence), "
                      f"{_v1s(tp['relatif']['helpful_v1'])} (RelatIF)")
-    lines.append(f"  Fig. 5 LEES: AUROC for the {lo['n_ood']} permuted points {lo['auroc_lees']:.3f} "
-                 f"(pure-loss gradient {lo['auroc_lees_pure_loss']:.3f}, minimal test loss "
+    lines.append(f"  Fig. 5 LEES (m = {lo['m']}): AUROC for the {lo['n_ood']} permuted points {lo['auroc_lees']:.3f} "
+                 f"(threshold rule, m = {lo['m_threshold_rule']}: {lo['auroc_lees_threshold_rule']:.3f}; "
+                 f"pure-loss gradient {lo['auroc_lees_pure_loss']:.3f}, minimal test loss "
                  f"{lo['auroc_test_loss']:.3f}); {lo['ood_above_both_neighbours']}/{lo['n_ood']} OOD points "
                  "above both neighbours")
     region = report["rue"]["uncertain_region"]

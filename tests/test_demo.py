@@ -19,6 +19,7 @@ from scalable_hbt.demo import (  # noqa: E402
     FIGURES,
     QUICK_FIGURES,
     DemoConfig,
+    above_neighbours,
     agreement,
     auroc,
     format_summary,
@@ -26,6 +27,7 @@ from scalable_hbt.demo import (  # noqa: E402
     resolved_mask,
     run_demo,
     stand_out,
+    uncertain_region,
 )
 from scalable_hbt.physics import figures  # noqa: E402
 
@@ -145,6 +147,26 @@ def test_agreement_and_resolved_mask():
     assert off["max_rel_error"] == pytest.approx(0.01)
 
 
+def test_above_neighbours():
+    values = np.array([5.0, 1.0, 3.0, 2.0, 2.5, 0.1, 2.6, 9.0, 0.5])
+    marked = np.array([1, 0, 1, 0, 1, 1, 0, 0, 1], bool)
+    # compared with the nearest unmarked point on each side, skipping marked ones:
+    # 5 > 1 (start); 3 > 1, 2; 2.5 > 2 but not > 2.6; 0.1 < 2; 0.5 < 9 (end)
+    assert above_neighbours(values, marked).tolist() == [True, True, False, False, False]
+    assert above_neighbours(values, np.zeros(9, bool)).size == 0
+
+
+def test_uncertain_region_paper_threshold_and_relative():
+    v1 = np.array([0.5, 1.0, 1.5, 2.0, 3.0, 10.0])
+    rue = np.array([1e-6, 1e-4, 1e-2, 6e-5, 4e-4, 1e-7])
+    region = uncertain_region(v1, rue)
+    assert region["paper_5e-5"]["v1_range"] == [1.0, 3.0] and region["paper_5e-5"]["width"] == 2.0
+    assert region["relative_5pct"]["threshold"] == pytest.approx(5e-4)
+    assert region["relative_5pct"]["v1_range"] == [1.5, 1.5] and region["relative_5pct"]["width"] == 0.0
+    nothing = uncertain_region(v1, np.zeros(6))
+    assert nothing["paper_5e-5"]["v1_range"] is None and nothing["paper_5e-5"]["width"] == 0.0
+
+
 def test_stand_out_flags_off_curve_points():
     v1 = np.linspace(0, 10, 50)
     values = np.sin(v1)
@@ -170,6 +192,8 @@ def test_cli_figures_option(capsys):
     assert args.figures == ("fig3", "fig6") and args.quick and args.seed == 2 and args.out == "x"
     assert not args.size_comparison and parser.parse_args(["demo", "--size-comparison"]).size_comparison
     assert parser.parse_args(["demo"]).figures is None
+    assert parser.parse_args(["demo"]).regime == "stopped"
+    assert parser.parse_args(["demo", "--regime", "tight"]).regime == "tight"
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--figures", "fig9"])
     assert "fig9" in capsys.readouterr().err
@@ -179,6 +203,14 @@ def test_config_defaults():
     assert DemoConfig(quick=True).selected_figures == QUICK_FIGURES
     assert DemoConfig().selected_figures == FIGURES
     assert DemoConfig(quick=True).points_per_phase == 100 and DemoConfig().points_per_phase == 500
+    stopped, tight = DemoConfig(), DemoConfig(regime="tight")
+    assert stopped.recipe("paper").optimizer == "sgd" and stopped.recipe("paper").lbfgs_iterations == 0
+    assert stopped.recipe("gap").lbfgs_iterations == 0 and tight.recipe("paper").lbfgs_iterations > 0
+    assert stopped.recipe("sign") == tight.recipe("sign") and stopped.recipe("sign").lbfgs_iterations > 0
+    # the same number of SGD steps on the full and the quick training set
+    assert stopped.recipe("paper").epochs(1000) == 100 and stopped.recipe("paper").epochs(200) == 500
+    with pytest.raises(ValueError, match="regime"):
+        DemoConfig(regime="loose")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- end to end

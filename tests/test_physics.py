@@ -176,19 +176,36 @@ def test_cdw_order_parameter_on_simple_states():
     basis = list(fock_basis(L))
     perfect = np.zeros(len(basis))
     perfect[basis.index(0b10101010)] = -3.0  # sign and norm do not matter
+    other = np.zeros(len(basis))
+    other[basis.index(0b01010101)] = 1.0
     uniform = np.ones(len(basis))
-    values = cdw_order_parameter(L, np.stack([perfect, uniform]))
-    np.testing.assert_allclose(values, [1.0, 0.0], atol=1e-14)
+    values = cdw_order_parameter(L, np.stack([perfect, other, perfect / 3 + other, uniform]))
+    # either CDW pattern and their symmetric superposition: 1; all Fock states equally: 1/(L-1)
+    np.testing.assert_allclose(values, [1.0, 1.0, 1.0, 1 / (L - 1)], atol=1e-14)
     assert cdw_order_parameter(L, perfect) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="shape"):
         cdw_order_parameter(L, np.ones((2, 71)))
 
 
-def test_cdw_order_parameter_small_in_ll_large_deep_in_cdw():
+@pytest.mark.parametrize("L", [8, 10])
+def test_cdw_order_parameter_free_fermions_is_2_over_L(L):
+    """At V1 = 0 the chain is free fermions: S(pi) = 1/2 exactly, so O = 4 S(pi) / L = 2/L,
+    which vanishes as L grows (the Luttinger liquid has no long-range CDW order)."""
+    assert cdw_order_parameter(L, _states(L, 0.0)) == pytest.approx(2 / L, abs=1e-9)
+
+
+def test_cdw_order_parameter_rises_across_the_transition():
+    """Small in the LL, rises around V1 ~ 1-3, -> 1 deep in CDW-I, without relying on the
+    staggered field to break the symmetry of the two CDW-I patterns."""
     L = 10
-    order = cdw_order_parameter(L, _states(L, [0.0, 0.5, 0.9, 100.0]))
-    assert np.all(order[:3] < 1e-4)
-    assert order[3] > 0.99
+    v1 = np.array([0.0, 0.5, 1.0, 2.0, 3.0, 6.0, 100.0])
+    order = cdw_order_parameter(L, _states(L, v1))
+    assert np.all(np.diff(order) > 0)
+    assert order[0] < 0.25 and order[2] < 0.4  # LL side
+    assert order[3] > 0.55 and order[4] > 0.75  # rises by V1 = 2-3
+    assert order[-1] > 0.999
+    # independent of the symmetry-breaking field: h = 0 (symmetric superposition) agrees
+    np.testing.assert_allclose(cdw_order_parameter(L, _states(L, v1, h=0.0)), order, atol=1e-6)
 
 
 # -------------------------------------------------------------------------- cache
@@ -463,6 +480,64 @@ def test_train_model_float32_and_bad_input(one_thread):
         train_model(SizeInvariantCNN(), X, y.float(), weight_decay=0.0, epochs=1, lr=1e-3, seed=0)
 
 
+@pytest.mark.parametrize("schedule, factors", [
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+    ("step", [1.0, 1.0, 0.1, 0.01]),  # lr/10 from epoch E/2, lr/100 from 3E/4
+    ("cosine", [(1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]),
+])
+def test_sgd_mode_is_plain_gradient_descent_with_the_schedule(one_thread, schedule, factors):
+    """Full batch, momentum 0, no dropout, no polish: theta_{e+1} = theta_e - lr_e grad L(theta_e)."""
+    X, y = _tiny_problem()
+    wd, lr = paper_weight_decay(len(y)), 0.05
+    torch.manual_seed(0)
+    model = SizeInvariantCNN(dropout=0.0).double()
+    reference = SizeInvariantCNN(dropout=0.0).double()
+    reference.load_state_dict(model.state_dict())
+    result = train_model(model, X, y, weight_decay=wd, epochs=4, lr=lr, seed=0, optimizer="sgd",
+                         momentum=0.0, schedule=schedule, lbfgs_iterations=0, progress=False)
+    assert result.lbfgs_iterations == 0 and not result.model.training
+    params = list(reference.parameters())
+    for factor in factors:
+        value = (torch.nn.functional.cross_entropy(reference(X), y)
+                 + 0.5 * wd * sum((p * p).sum() for p in params))
+        grads = torch.autograd.grad(value, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * factor * g
+    for got, want in zip(result.model.parameters(), params):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_sgd_mode_is_seeded(one_thread):
+    """Mini-batch SGD with momentum and dropout on: same seed, same parameters; one objective
+    value per epoch and no L-BFGS iteration. (That it learns is checked at L = 12 by the slow
+    tests in test_paper_findings.py; this tiny set barely moves SGD off ln 2.)"""
+    X, y = _tiny_problem()
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(0)
+        model = SizeInvariantCNN().double()
+        runs.append(train_model(model, X, y, weight_decay=paper_weight_decay(len(y)), epochs=30, lr=0.05,
+                                seed=seed, batch_size=10, optimizer="sgd", schedule="step",
+                                lbfgs_iterations=0, progress=False))
+    first, again, other = runs
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    assert other.objective != first.objective
+    assert first.lbfgs_iterations == 0 and len(first.history) == 30 and not first.model.training
+
+
+def test_train_model_rejects_bad_optimizer_settings():
+    X, y = _tiny_problem()
+    common = dict(weight_decay=0.0, epochs=1, lr=1e-3, seed=0, progress=False)
+    with pytest.raises(ValueError, match="optimizer"):
+        train_model(SizeInvariantCNN(), X, y, optimizer="rmsprop", **common)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="momentum"):
+        train_model(SizeInvariantCNN(), X, y, optimizer="sgd", momentum=1.0, **common)
+    with pytest.raises(ValueError, match="schedule"):
+        train_model(SizeInvariantCNN(), X, y, schedule="linear", **common)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------------- L = 12
 
 
@@ -473,7 +548,8 @@ def test_paper_training_set_L12(tmp_path):
     assert train.labels.sum() == 500
     assert train.amplitudes.min() >= -1e-12
     order = cdw_order_parameter(12, train.amplitudes)
-    assert np.all(order[:500] < 1e-3) and order[-1] > 0.95
+    assert order[0] == pytest.approx(2 / 12, abs=1e-9) and np.all(order[:500] < 0.34)
+    assert order[-1] > 0.99 and np.all(np.diff(order) > 0)
     X, y = train.tensors(MinMaxScaler.fit(train.amplitudes))
     with torch.no_grad():
         assert PaperCNN().eval()(X[:10]).shape == (10, 2)

@@ -5,7 +5,8 @@
 * `datasets`: the paper's labelled training and test sets, min-max scaling, and the
   sign-flip and permuted (out-of-distribution) variants.
 * `models`: the paper's 740-parameter CNN, a 1675-parameter size-invariant CNN with global
-  average pooling, and a seeded Adam + L-BFGS training routine.
+  average pooling, and a seeded training routine in two regimes (Adam + L-BFGS to a tight
+  minimum, or SGD with momentum and a decreasing learning rate stopped after a fixed budget).
 
 This subpackage imports nothing from the rest of `scalable_hbt`.
 """
@@ -35,8 +36,14 @@ from .hubbard import (
     site_occupations,
 )
 from .models import (
+    GAP_CNN_RECIPE,
+    PAPER_CNN_RECIPE,
+    TIGHT_RECIPE,
+    Optimizer,
     PaperCNN,
+    Schedule,
     SizeInvariantCNN,
+    TrainingRecipe,
     TrainingResult,
     count_parameters,
     paper_weight_decay,
@@ -64,8 +71,14 @@ __all__ = [
     "test_set",
     "training_grid",
     "training_set",
+    "Optimizer",
     "PaperCNN",
+    "Schedule",
     "SizeInvariantCNN",
+    "GAP_CNN_RECIPE",
+    "PAPER_CNN_RECIPE",
+    "TIGHT_RECIPE",
+    "TrainingRecipe",
     "TrainingResult",
     "count_parameters",
     "paper_weight_decay",
