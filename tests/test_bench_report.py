@@ -47,12 +47,12 @@ def _synthetic_results() -> dict:
                            {"extra_info": scaling}, {"extra_info": engine}]}
 
 
-def test_report_from_synthetic_json(tmp_path):
-    sys.path.insert(0, str(BENCH_REPORT.parent))
-    try:
-        import report
-    finally:
-        sys.path.remove(str(BENCH_REPORT.parent))
+def test_report_from_synthetic_json(tmp_path, monkeypatch):
+    # a copy of sys.path, restored afterwards: report.py prepends benchmarks/, whose conftest
+    # must not shadow tests/conftest for later imports (e.g. in spawned worker processes)
+    monkeypatch.setattr(sys, "path", [str(BENCH_REPORT.parent), *sys.path])
+    monkeypatch.delitem(sys.modules, "report", raising=False)
+    import report
     src = tmp_path / "results.json"
     src.write_text(json.dumps(_synthetic_results()))
     assert report.main(["--from-json", str(src), "--out", str(tmp_path), "--command", "hbt bench --quick"]) == 0
