@@ -144,7 +144,7 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
                   [[b["model"], b["backend"], b["quantity"], b["value"], f"{b['op']} {b['bound']:g}",
                     "met" if b["ok"] else "**FAILED**"] for b in bounds])
     out.append("K-FAC / EK-FAC carry no accuracy bound (only finite values of the right shapes, asserted); "
-               "the EK-FAC vs K-FAC RelatIF normaliser is a known open question (benchmarks/BACKENDS.md).")
+               "how the EK-FAC and K-FAC RelatIF normalisers rank the training points depends on the trained model (benchmarks/BACKENDS.md, findings 4 and 6).")
     out.append("")
     out.append("### All rows")
     out.append("")

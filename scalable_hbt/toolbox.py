@@ -38,8 +38,10 @@ class Toolbox:
         Backend for the top eigenpairs (LEES).
     rue_damping:
         δ' for RUE; default δ + 1 (the RUE authors want H_δ' with smallest eigenvalue ≈ 1).
-    hvp_mode, max_vectors:
-        Passed to the :class:`HessianOperator`.
+    hvp_mode, max_vectors, cache_graphs:
+        Passed to the :class:`HessianOperator` (``cache_graphs=True`` keeps the training
+        chunks' gradient graphs between Hessian products: ≈ 2× faster iterative solvers on
+        small networks, for the memory of those graphs).
     inverse_options, eigen_options:
         Keyword arguments for the backends' constructors.
     cache_dir:
@@ -51,7 +53,7 @@ class Toolbox:
 
     def __init__(self, objective: Objective, damping: float | str = 0.2, inverse: str | CurvatureBackend = "dense",
                  eigen: str | CurvatureBackend = "dense", *, rue_damping: float | None = None,
-                 hvp_mode: HVPMode = "reverse-over-reverse", max_vectors: int = 32,
+                 hvp_mode: HVPMode = "reverse-over-reverse", max_vectors: int = 32, cache_graphs: bool = False,
                  inverse_options: dict[str, Any] | None = None, eigen_options: dict[str, Any] | None = None,
                  cache_dir: str | Path | None = None) -> None:
         if not isinstance(objective, Objective):
@@ -59,7 +61,7 @@ class Toolbox:
         if not (damping == "auto" or (isinstance(damping, (int, float)) and damping >= 0 and damping == damping)):
             raise InputError(f"damping must be a number ≥ 0 or 'auto'; got {damping!r}.")
         self.objective = objective
-        self.hessian = HessianOperator(objective, mode=hvp_mode, max_vectors=max_vectors)
+        self.hessian = HessianOperator(objective, mode=hvp_mode, max_vectors=max_vectors, cache_graphs=cache_graphs)
         self._requested_damping = damping
         self._rue_damping = rue_damping
         self.inverse = make_backend(inverse, "inverse", inverse_options)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,18 @@ from scalable_hbt import Objective
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Run a module on one intra-op thread. Modules that train a network and then state
+    measured properties of it use this: float64 reductions round differently with 1 and 2
+    threads, a few hundred optimiser steps amplify that into a different trained model, and
+    the measurements would then depend on the machine's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_mlp() -> nn.Module:

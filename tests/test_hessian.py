@@ -173,6 +173,23 @@ def test_cached_graphs_give_the_same_products(kind):
     torch.testing.assert_close(second, 2 * ref, rtol=0, atol=1e-13)
 
 
+
+def test_operator_level_graph_cache_persists_and_matches():
+    """``cache_graphs=True`` keeps the graphs across products (and across an inner
+    ``cached_graphs`` block, which must not drop them) and changes no product."""
+    obj = make_problem("cnn")
+    V = torch.randn(obj.num_params, 3, dtype=torch.float64)
+    ref = HessianOperator(obj).matmat(V)
+    op = HessianOperator(obj, cache_graphs=True)
+    first = op.matmat(V)
+    graphs = dict(op._graphs)
+    assert len(graphs) == -(-obj.n // obj.batch_size)
+    with op.cached_graphs():
+        second = op.matmat(V)
+    assert op._graphs is not None and all(op._graphs[k] is graphs[k] for k in graphs)  # reused, not rebuilt
+    torch.testing.assert_close(first, ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(second, ref, rtol=0, atol=1e-13)
+
 def test_regression_loss_hvp_equals_brute_force():
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(30, 2, generator=g, dtype=torch.float64)

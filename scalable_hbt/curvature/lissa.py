@@ -386,6 +386,8 @@ class LiSSACurvature(CurvatureBackend):
                     both = H.minibatch_matmat(torch.cat([h, anchor], dim=1), idx)
                     step = project_(both[:, :cols] - both[:, cols:]).add_(H_anchor)
                     del both
+                elif self.b >= n:  # every step is the full data: the operator's graph cache applies
+                    step = project_(H.matmat(h))
                 else:
                     step = project_(H.minibatch_matmat(h, idx))
                 h_new = step.add_(h, alpha=damping).div_(-s).add_(h).add_(Vp)  # v + h − (H_B h + δh)/s
