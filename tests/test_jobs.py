@@ -29,8 +29,14 @@ def folder(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _with_graph_cache(job: Path) -> Path:
+    job.write_text(job.read_text().replace("damping = 1.0", "damping = 1.0\ncache_graphs = true"))
+    return job
+
+
 def test_results_equal_the_library(folder):
-    summary = run_job(load_job(write_job(folder)), echo=lambda *_: None)
+    """A job (with ``cache_graphs = true``) against the library (without)."""
+    summary = run_job(load_job(_with_graph_cache(write_job(folder))), echo=lambda *_: None)
     assert summary["chunks_computed"] == 5 * 4 and summary["chunks_skipped"] == 0
     model = make_mlp().double()
     model.load_state_dict(torch.load(folder / "weights.pt"))
@@ -47,7 +53,7 @@ def test_results_equal_the_library(folder):
                                rtol=1e-8)
     assert read_results(folder / "out", "rue").shape == (24,)
     # a second run computes nothing and loads the curvature from the cache
-    again = run_job(load_job(write_job(folder)), echo=lambda *_: None)
+    again = run_job(load_job(_with_graph_cache(write_job(folder))), echo=lambda *_: None)
     assert again["chunks_computed"] == 0 and again["chunks_skipped"] == 20
 
 
@@ -75,6 +81,7 @@ def test_a_different_job_is_refused_in_the_same_output_folder(folder):
     (lambda t: t.replace('chunk_size = 5', 'chunk_size = 0'), r"\[output\] chunk_size = 0"),
     (lambda t: t.replace('damping = 1.0', 'damping = 1.0\nmax_vectors = 0'), r"\[curvature\] max_vectors = 0"),
     (lambda t: t.replace('damping = 1.0', 'damping = 1.0\nrue_damping = "big"'), r"\[curvature\] rue_damping = 'big'"),
+    (lambda t: t.replace('damping = 1.0', 'damping = 1.0\ncache_graphs = "yes"'), r"\[curvature\] cache_graphs = 'yes'"),
     (lambda t: t.replace('[data]', '[data]\nvalidation = "x.npz"'), r"\[data\] has unknown key\(s\) \['validation'\]"),
     (lambda t: t.replace('train = "train.npz"', 'train = "train.csv"'), r"\[data\] train = 'train.csv'"),
     (lambda t: t.replace('[output]\ndir = "out"', '[output]'), r"\[output\] needs the key 'dir'"),

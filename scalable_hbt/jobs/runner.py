@@ -96,7 +96,7 @@ def build_toolbox(spec: JobSpec, model: nn.Module, train: Any) -> Toolbox:
                     device=distributed.local_device(o.get("device", "cpu")))
     return Toolbox(obj, damping=c.get("damping", "auto"), inverse=c.get("inverse", "cg"),
                    eigen=c.get("eigen", "lanczos"), rue_damping=c.get("rue_damping"),
-                   max_vectors=c.get("max_vectors", 32),
+                   max_vectors=c.get("max_vectors", 32), cache_graphs=c.get("cache_graphs", False),
                    inverse_options=c.get("inverse_options") or None, eigen_options=c.get("eigen_options") or None,
                    cache_dir=spec.output_dir / "cache")
 

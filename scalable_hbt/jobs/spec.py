@@ -27,6 +27,7 @@ Example (every key shown; the ``[model]``, ``[data]`` and ``[output]`` tables ar
     eigen_options = { m = 20 }
     rue_damping = 1.2                     # optional; default damping + 1
     max_vectors = 32                      # HVPs batched together; cg/lissa solve this many columns at a time
+    cache_graphs = false                  # keep the training chunks' gradient graphs between HVPs (small networks)
 
     [methods]
     run = ["influence", "relatif", "rue", "lees"]
@@ -168,7 +169,7 @@ def load_job(path: str | Path) -> JobSpec:
 
     curvature = _table(doc, "curvature", False)
     _unknown(curvature, "curvature", ("damping", "inverse", "eigen", "inverse_options", "eigen_options", "rue_damping",
-                                      "max_vectors"))
+                                      "max_vectors", "cache_graphs"))
     damping = curvature.get("damping", "auto")
     if not (damping == "auto" or (isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping >= 0)):
         raise JobError(f"[curvature] damping = {damping!r}: expected \"auto\" or a number ≥ 0.")
@@ -182,6 +183,7 @@ def load_job(path: str | Path) -> JobSpec:
     vectors = _expect(curvature, "curvature", "max_vectors", (int,), "an integer ≥ 1", 32)
     if vectors < 1:
         raise JobError(f"[curvature] max_vectors = {vectors!r}: expected an integer ≥ 1.")
+    _expect(curvature, "curvature", "cache_graphs", (bool,), "true or false", False)
 
     methods = _table(doc, "methods", False)
     _unknown(methods, "methods", ("run", "labels", "test_loss", "relatif_normalizer", "rue", "lees"))
