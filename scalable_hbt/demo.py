@@ -118,6 +118,9 @@ class DemoConfig:
         size_comparison: also train the size-invariant CNN on 12 and 14 sites for Fig. 6
             (4-10 extra minutes: an ARPACK lambda_min and CG RUE per size; off by default to
             keep the full demo within 10 minutes).
+        size_points_per_phase: training points per phase of the size comparison (default
+            ``side_points_per_phase``, 100; the paper's 500 take ~40 minutes on 2 cores, most
+            of it the L = 14 RUE).
         regime: "stopped" (default, the paper's regime) or "tight" (see ``REGIMES``).
     """
 
@@ -130,11 +133,14 @@ class DemoConfig:
     n_per_phase: int | None = None
     epochs: int | None = None
     size_comparison: bool = False
+    size_points_per_phase: int | None = None
     regime: Regime = "stopped"
 
     def __post_init__(self) -> None:
         if self.regime not in REGIMES:
             raise ValueError(f"regime must be one of {', '.join(REGIMES)}, got {self.regime!r}.")
+        if self.size_points_per_phase is not None and self.size_points_per_phase < 2:
+            raise ValueError(f"size_points_per_phase must be an integer ≥ 2, got {self.size_points_per_phase!r}.")
 
     @property
     def points_per_phase(self) -> int:
@@ -487,17 +493,20 @@ def _sign_experiment(cfg: DemoConfig, transition_v1: float) -> dict[str, Any]:
 
 
 def _size_experiment(cfg: DemoConfig) -> dict[str, Any]:
-    """Fig. 6 (a)-(b): the size-invariant CNN trained on 12 and 14 sites (``side_points_per_phase``
-    per phase), RUE (CG, δ' = δ + 1, predicted labels) on each reference test set."""
+    """Fig. 6 (a)-(b): the size-invariant CNN trained on 12 and 14 sites (``size_points_per_phase``
+    or ``side_points_per_phase`` per phase), RUE (CG, δ' = δ + 1, predicted labels) on each
+    reference test set."""
     out: dict[str, Any] = {}
+    per_phase = cfg.size_points_per_phase or cfg.side_points_per_phase
     for L in (12, 14):
-        train = training_set(L, cfg.side_points_per_phase, progress=cfg.progress)
+        train = training_set(L, per_phase, progress=cfg.progress)
         test = test_set(L, progress=cfg.progress)
         trained = _train(SizeInvariantCNN, "gap", train, cfg)
         X, _ = trained.tensors(test)
         tb = _matrix_free_toolbox(trained.objective(cfg), cfg, eigenpairs=False)
         rue = _np(tb.rue(X, n_bootstrap=50, seed=cfg.seed, labels="predicted"))
-        out[str(L)] = {"v1": test.v1.tolist(), "rue": rue.tolist(), "accuracy": trained.accuracy(test),
+        out[str(L)] = {"n_train": len(trained.X), "v1": test.v1.tolist(), "rue": rue.tolist(),
+                       "accuracy": trained.accuracy(test),
                        "order_parameter": cdw_order_parameter(L, test.amplitudes).tolist(),
                        "damping": tb.damping, "uncertain_region": uncertain_region(test.v1, rue)}
     return out

@@ -25,6 +25,7 @@ from scalable_hbt.demo import (  # noqa: E402
     format_summary,
     parse_figures,
     resolved_mask,
+    _size_experiment,
     run_demo,
     stand_out,
     uncertain_region,
@@ -197,6 +198,11 @@ def test_cli_figures_option(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--figures", "fig9"])
     assert "fig9" in capsys.readouterr().err
+    assert parser.parse_args(["demo", "--size-points", "500"]).size_points == 500
+    assert parser.parse_args(["demo"]).size_points is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--size-points", "1"])
+    assert "integer ≥ 2" in capsys.readouterr().err
 
 
 def test_config_defaults():
@@ -211,6 +217,8 @@ def test_config_defaults():
     assert stopped.recipe("paper").epochs(1000) == 100 and stopped.recipe("paper").epochs(200) == 500
     with pytest.raises(ValueError, match="regime"):
         DemoConfig(regime="loose")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="size_points_per_phase"):
+        DemoConfig(size_points_per_phase=1)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -232,3 +240,17 @@ def test_run_demo_tiny(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "fig3_influence_vs_relatif.png", "fig5_lees_ood.png", "fig6_rue.png"]
     assert "influence" in format_summary(report)
+
+
+def test_size_comparison_tiny():
+    """Fig. 6 (a)-(b) at 3 points per phase and one epoch: both sizes trained on the requested
+    number of points, RUE finite and non-negative on each reference test set."""
+    cfg = DemoConfig(progress=False, size_points_per_phase=3, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = _size_experiment(cfg)
+    assert set(out) == {"12", "14"}
+    for entry in out.values():
+        rue = np.array(entry["rue"])
+        assert entry["n_train"] == 6 and rue.shape == (50,) and np.isfinite(rue).all() and (rue >= 0).all()
+        assert set(entry["uncertain_region"]) == {"paper_5e-5", "relative_5pct"}
