@@ -62,7 +62,8 @@ class HessianOperator:
         Keep every training chunk's gradient graph for the operator's lifetime (see
         :meth:`cached_graphs`; reverse-over-reverse only): each later product costs one
         backward pass per chunk instead of a forward, a backward and a double backward
-        (≈ 2.3× faster on the paper's CNN), for the memory of the graphs of all n samples.
+        (HVP / gradient 2.66 → 1.51 on the paper's CNN, benchmarks/RESULTS.md), for the
+        memory of the graphs of all n samples (98 MB for that CNN on 1000 samples).
         Worth it for small networks under long sequences of single-vector products
         (Lanczos, ARPACK, full-batch LiSSA); leave it off when the graphs do not fit.
 
@@ -83,7 +84,6 @@ class HessianOperator:
         self.mode: HVPMode = mode
         self.max_vectors = int(max_vectors)
         self.num_hvps = 0.0
-        self.cache_graphs = bool(cache_graphs)
         self._graphs: dict[int, tuple[Tensor, Tensor]] | None = {} if cache_graphs else None
 
     @property

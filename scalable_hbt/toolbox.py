@@ -40,7 +40,7 @@ class Toolbox:
         δ' for RUE; default δ + 1 (the RUE authors want H_δ' with smallest eigenvalue ≈ 1).
     hvp_mode, max_vectors, cache_graphs:
         Passed to the :class:`HessianOperator` (``cache_graphs=True`` keeps the training
-        chunks' gradient graphs between Hessian products: ≈ 2× faster iterative solvers on
+        chunks' gradient graphs between Hessian products: ≈ 1.8× faster iterative solvers on
         small networks, for the memory of those graphs).
     inverse_options, eigen_options:
         Keyword arguments for the backends' constructors.
