@@ -16,8 +16,8 @@ seed 0: Fig. 3's finding passes; Fig. 5's and Fig. 6's are strict xfails.
   CDW-I, RelatIF's five most helpful training points lie deeper in CDW-I than influence's.
 
 The size-invariant models use ``DemoConfig.side_points_per_phase`` (100) points per phase,
-as the demo's size comparison. The fixtures dominate the run time: about 7 minutes on this
-shared 2-core machine (the L = 12 dense and L = 14 CG fits of the GAP CNN take most of it).
+as the demo's size comparison. The fixtures dominate the run time: about 10 minutes on one
+thread (the L = 12 dense fit and the L = 14 ARPACK + CG RUE of the GAP CNN take most of it).
 """
 
 from __future__ import annotations
