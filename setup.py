@@ -31,5 +31,5 @@ setup(
                   "kronfluence>=1.0"],
         "gpu": ["cupy-cuda12x>=13"],
     },
-    entry_points={"console_scripts": ["hbt = scalable_hbt.cli:main"]},
+    entry_points={"console_scripts": ["hbt = scalable_hbt.apps.cli:main"]},
 )

@@ -79,7 +79,7 @@ class PhysicsProblem:
         return {"model": self.name, "description": self.description, "M": obj.num_params, "n": obj.n,
                 "weight_decay": obj.weight_decay, "damping": self.damping, "dtype": "float64",
                 "device": str(obj.device), "dense_fit_seconds": self.fit_seconds,
-                "dense_fit_hvps": self.exact.hessian.num_hvps, "training_seconds": self.train_seconds,
+                "dense_fit_hvps": self.exact.operator.num_hvps, "training_seconds": self.train_seconds,
                 "n_test": len(self.test), "n_ood": int(self.ood.sum())}
 
 

@@ -124,7 +124,7 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
     out.append("Every backend against the dense oracle, same model, same data, same damping δ (the oracle's "
                "δ = max(−λ_min, 0) + 0.01). Relative error = max over test points of ‖x − x_exact‖ / ‖x_exact‖. "
                "\\* Spearman over the *resolved* training points only (exact value off the float64 tie floor, "
-               "`scalable_hbt.demo.resolved_mask`), worst test point. Top-5: overlap of the 5 most helpful / "
+               "`scalable_hbt.apps.demo.resolved_mask`), worst test point. Top-5: overlap of the 5 most helpful / "
                "harmful resolved training points with the exact ones, mean over the 5 test points. LEES AUROC: the score "
                "as a detector of the 5 permuted (OOD) test points. HVPs: full-data Hessian-vector products "
                "counted by the operator (a mini-batch product of b points counts b/n). LEES needs eigenpairs: "

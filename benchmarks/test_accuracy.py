@@ -7,14 +7,14 @@ compares solvers, not dampings):
 
 * influence and RelatIF for 5 test points, shape (5, n): relative error
   max_t ‖I_t − I_t^exact‖ / ‖I_t^exact‖, Pearson over all training points, Spearman over the
-  *resolved* points (``scalable_hbt.demo.resolved_mask``: ≈ 85 % of the paper CNN's training
+  *resolved* points (``scalable_hbt.apps.demo.resolved_mask``: ≈ 85 % of the paper CNN's training
   points are saturated and tie in float64), and the overlap of the 5 most helpful and the
   5 most harmful resolved training points (``physics.figures.top_k``), averaged over the
   test points;
 * RUE (bootstrap, B = 50 (quick: 10), seed 0, predicted labels) on the 50 reference test
   points, (50,);
 * LEES (threshold rule, predicted labels) on the test set with 10 % permuted (OOD) points,
-  (50,), with the AUROC of the score for the OOD points (``scalable_hbt.demo.auroc``).
+  (50,), with the AUROC of the score for the OOD points (``scalable_hbt.apps.demo.auroc``).
 
 LEES runs on the backends with eigenpairs: dense, and Lanczos (top-20, tolerance 1e-14),
 whose run is also the fit of the low-rank inverse (one ``LowRankCurvature``, reported
@@ -52,7 +52,7 @@ from scalable_hbt.curvature import (
     LiSSACurvature,
     LowRankCurvature,
 )
-from scalable_hbt.demo import agreement, auroc, resolved_mask
+from scalable_hbt.apps.demo import agreement, auroc, resolved_mask
 from scalable_hbt.physics.figures import top_k
 
 EIGEN_M = 20
@@ -111,12 +111,12 @@ class AccuracySweep:
     @staticmethod
     def _timed(tb: Toolbox, fn: Callable[[], Any]) -> tuple[Any, float, float]:
         """(result, seconds, full-data HVPs) of one call through the Toolbox's operator."""
-        h0 = tb.hessian.num_hvps
+        h0 = tb.operator.num_hvps
         synchronize()
         t0 = time.perf_counter()
         out = fn()
         synchronize()
-        return out, time.perf_counter() - t0, float(tb.hessian.num_hvps - h0)
+        return out, time.perf_counter() - t0, float(tb.operator.num_hvps - h0)
 
     def _row(self, method: str, backend: str, seconds: float, hvps: float, **extra: Any) -> dict[str, Any]:
         row = {"model": self.problem.name, "method": method, "backend": backend, "seconds": seconds, "hvps": hvps,

@@ -39,9 +39,9 @@ from torch import nn
 
 from scalable_hbt import HessianOperator, Objective
 from scalable_hbt.curvature import EKFACCurvature, KFACCurvature, LanczosCurvature
-from scalable_hbt.demo import agreement
+from scalable_hbt.apps.demo import agreement
 from scalable_hbt.methods import influence
-from scalable_hbt.spectral import hutchinson_trace
+from scalable_hbt.curvature.spectral import hutchinson_trace
 
 ROUNDS = 1 if QUICK else 3
 TOP_N = 5

@@ -82,10 +82,10 @@ def run(width: float, n: int, n_test: int, m: int, batch_size: int, lissa_depth:
                     "baseline_rss": baseline, "phases": {}}
 
     def phase(name: str, fn):
-        t0, hvps0 = time.perf_counter(), tb.hessian.num_hvps
+        t0, hvps0 = time.perf_counter(), tb.operator.num_hvps
         with PeakMemory() as mem:
             out = fn()
-        row = {"seconds": time.perf_counter() - t0, "hvps": tb.hessian.num_hvps - hvps0,
+        row = {"seconds": time.perf_counter() - t0, "hvps": tb.operator.num_hvps - hvps0,
                "held_before": mem.start - baseline, "peak": mem.peak - baseline, "phase_increase": mem.increase}
         report["phases"][name] = row
         print(f"{name:<22} {row['seconds']:8.1f} s  {row['hvps']:7.1f} HVPs  held before {format_bytes(row['held_before'])}"
@@ -93,15 +93,15 @@ def run(width: float, n: int, n_test: int, m: int, batch_size: int, lissa_depth:
         return out
 
     lanczos = LanczosCurvature(m=m, tol=lanczos_tol, max_iter=lanczos_hvps)
-    lissa = LiSSACurvature(deflate=min(10, m), depth=lissa_depth, batch_size=max(1, n // 4), eigenpairs=lanczos,
+    lissa = LiSSACurvature(deflate=min(10, m), depth=lissa_depth, batch_size=max(1, n // 4), eigen=lanczos,
                            check_curvature=False, warn_residual=None, progress=progress)
     # max_vectors=1: LiSSA solves one test column at a time, so its work arrays are a few M-vectors
     tb = Toolbox(obj, damping=1.0, inverse=lissa, eigen=lanczos, max_vectors=1)
-    phase("lanczos top-m", lambda: lanczos.fit(tb.hessian))
-    phase("lissa fit (scale)", lambda: lissa.fit(tb.hessian))
+    phase("lanczos top-m", lambda: lanczos.fit(tb.operator))
+    phase("lissa fit (scale)", lambda: lissa.fit(tb.operator))
     influence = phase("lissa influence", lambda: tb.influence(Xt, yt))
     ekfac = EKFACCurvature(unsupported="diagonal")
-    phase("ekfac fit", lambda: ekfac.fit(tb.hessian))
+    phase("ekfac fit", lambda: ekfac.fit(tb.operator))
     from scalable_hbt.methods import inverse_gradient_norms
     norms = phase("ekfac normaliser", lambda: inverse_gradient_norms(obj, ekfac, tb.damping))
     lees = phase("lees", lambda: tb.extrapolation_score(Xt, m=m))

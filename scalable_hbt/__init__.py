@@ -2,18 +2,19 @@
 
 Influence functions, RelatIF, Resampling Uncertainty Estimation and the Local-Ensembles
 extrapolation score from one curvature computation, with an exact dense oracle for
-small models. See DESIGN.md for the mathematics every backend meets.
+small models. ``docs/design.md`` states the mathematics every backend meets.
 """
 
-from .curvature import CurvatureBackend, DenseCurvature
-from .errors import (DenseTooLargeError, IndefiniteDampingError, InputError, SolverDivergenceError,
+__version__ = "0.2.0"
+
+from .config import CurvatureConfig  # noqa: E402
+from .curvature import CurvatureBackend, DenseCurvature  # noqa: E402
+from .errors import (DenseTooLargeError, IndefiniteDampingError, InputError, SolverDivergenceError,  # noqa: E402
                      TrainModeWarning)
-from .hessian import HessianOperator
-from .objective import Objective
-from .toolbox import Toolbox
+from .objective import Objective  # noqa: E402
+from .operators import CurvatureOperator, HessianOperator  # noqa: E402
+from .toolbox import Toolbox  # noqa: E402
 
-__version__ = "0.1.0"
-
-__all__ = ["Objective", "Toolbox", "HessianOperator", "CurvatureBackend", "DenseCurvature", "InputError",
-           "IndefiniteDampingError", "DenseTooLargeError", "SolverDivergenceError", "TrainModeWarning",
-           "__version__"]
+__all__ = ["Objective", "Toolbox", "CurvatureConfig", "CurvatureOperator", "HessianOperator", "CurvatureBackend",
+           "DenseCurvature", "InputError", "IndefiniteDampingError", "DenseTooLargeError", "SolverDivergenceError",
+           "TrainModeWarning", "__version__"]

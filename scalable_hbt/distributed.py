@@ -7,7 +7,7 @@ with an all-reduce, so every rank ends with the same result as one process would
 data and everything in parameter space (solves, Lanczos, eigendecompositions) are
 replicated: each rank computes them identically. Works with gloo on CPU and NCCL on GPU.
 Batch jobs also deal out the test chunks of methods that, once fitted, need only the test
-points (LEES, bootstrap RUE) across the ranks (:mod:`scalable_hbt.jobs.runner`).
+points (LEES, bootstrap RUE) across the ranks (:mod:`scalable_hbt.apps.jobs.runner`).
 
 ``hbt run`` initialises the group itself when ``torchrun`` launched it
 (:func:`process_group_from_environment`); library users call

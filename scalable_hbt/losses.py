@@ -39,7 +39,7 @@ class LossSpec:
     classification: bool
 
 
-_BUILTIN = {
+LOSSES: dict[str, "LossSpec"] = {
     "cross_entropy": LossSpec("cross_entropy", cross_entropy, True),
     "mse": LossSpec("mse", mse, False),
 }
@@ -57,12 +57,12 @@ def resolve_loss(loss: str | LossFn, classification: bool | None = None) -> Loss
         aliases = {"ce": "cross_entropy", "crossentropy": "cross_entropy", "nll": "cross_entropy",
                    "mean_squared_error": "mse", "l2": "mse"}
         key = aliases.get(key, key)
-        if key not in _BUILTIN:
+        if key not in LOSSES:
             raise InputError(
-                f"unknown loss {loss!r}; use one of {sorted(_BUILTIN)} or a callable "
+                f"unknown loss {loss!r}; use one of {sorted(LOSSES)} or a callable "
                 "(outputs, targets) -> per-sample losses of shape (B,)."
             )
-        return _BUILTIN[key]
+        return LOSSES[key]
     if callable(loss):
         name = getattr(loss, "__name__", type(loss).__name__)
         return LossSpec(name, loss, True if classification is None else classification)

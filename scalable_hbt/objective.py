@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -29,7 +29,7 @@ from . import distributed
 from .data import Batch, DataLike, DataSource
 from .errors import InputError, TrainModeWarning
 from .losses import LossFn, check_per_sample, predicted_targets, resolve_loss
-from .progress import progress_bar
+from .log import progress_bar
 
 Labels = Literal["true", "predicted"]
 TestLoss = Literal["objective", "loss"]
@@ -295,6 +295,23 @@ class Objective:
         for start, x, t in self.batches(src, labels, batch_size=self.per_sample_grad_chunk(), desc=desc,
                                         shard=shard):
             yield start, self.batch_gradients(x, t, test_loss)
+
+    def training_rows(self, fn: Callable[[Tensor], Tensor], columns: int, *, desc: str | None = None,
+                      collective: bool = False) -> Tensor:
+        """R (n, columns) with R[r] the row of training point r in ``fn(G)``, for every chunk of
+        per-sample training gradients G (c, M) ↦ rows (c, columns): the one pass over the
+        training data that methods use. Only one chunk of gradients exists at a time.
+
+        Under ``torch.distributed`` each rank fills its shard and the rows are summed over the
+        ranks. ``collective=True`` is for an ``fn`` that itself runs collective operations
+        (full-data Hessian products): every rank then walks all n points in the same order, and
+        those products do the sharding.
+        """
+        sharded = not (collective and distributed.active())
+        rows = torch.zeros(self.n, columns, device=self.device, dtype=self.dtype)
+        for start, G in self.iter_gradients(self.train, desc=desc, shard=sharded):
+            rows[start:start + G.shape[0]] = fn(G)
+        return distributed.all_reduce_sum(rows) if sharded else rows
 
     def gradients(self, data: DataLike | DataSource, y: Tensor | None = None, *,
                   labels: Labels = "true", test_loss: TestLoss = "objective") -> Tensor:

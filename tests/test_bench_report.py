@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from scalable_hbt.cli import BENCH_REPORT, build_parser, main
+from scalable_hbt.apps.cli import BENCH_REPORT, build_parser, main
 
 pytestmark = pytest.mark.skipif(not BENCH_REPORT.exists(), reason="needs a source checkout with benchmarks/")
 

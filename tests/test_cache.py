@@ -10,18 +10,23 @@ import pytest
 import torch
 
 from scalable_hbt import Objective, Toolbox
-from scalable_hbt.cache import (CacheWarning, CurvatureCache, cacheable, data_digest, fingerprint, fit_cached)
+from scalable_hbt.cache import CacheWarning, CurvatureCache, cacheable, data_digest, fingerprint, fit_or_load
 from scalable_hbt.curvature import (CGCurvature, DenseCurvature, EKFACCurvature, KFACCurvature, LanczosCurvature,
                                     LiSSACurvature, LowRankCurvature, make_backend)
-from scalable_hbt.hessian import HessianOperator
+from scalable_hbt.operators import HessianOperator
 
 from conftest import make_problem
 
 
-def _fit(obj: Objective, backend, cache: CurvatureCache, extra=None) -> tuple[bool, HessianOperator]:
+def _fit(obj: Objective, backend, cache: CurvatureCache) -> tuple[bool, HessianOperator]:
     hessian = HessianOperator(obj)
-    loaded = fit_cached(backend, hessian, cache, extra)
+    loaded = fit_or_load(backend, hessian, cache)
     return loaded, hessian
+
+
+def _key(obj: Objective, backend) -> str:
+    """The key fit_or_load uses: the objective, the backend's fit settings, the operator's settings."""
+    return fingerprint(obj, backend, HessianOperator(obj).settings())
 
 
 def _rhs(obj: Objective, k: int = 3) -> torch.Tensor:
@@ -37,15 +42,15 @@ def test_second_fit_loads_bit_for_bit(tmp_path, name, options):
     cache = CurvatureCache(tmp_path)
     role = "eigen" if name == "lanczos" else "inverse"
     first = make_backend(name, role, options)
-    loaded, h1 = _fit(obj, first, cache, {"damping": 0.2})
+    loaded, h1 = _fit(obj, first, cache)
     assert not loaded and (h1.num_hvps > 0 or name in ("kfac", "ekfac", "cg"))
-    assert (cache.entry(fingerprint(obj, make_backend(name, role, options), {"damping": 0.2}), first)
+    assert (cache.entry(_key(obj, make_backend(name, role, options)), first)
             / "tensors.safetensors").is_file()
 
     second = make_backend(name, role, options)
     if name in ("kfac", "ekfac"):  # K-FAC uses no HVPs: make sure no pass over the data happens either
         second._pass = lambda *a, **k: pytest.fail("K-FAC recomputed its factors instead of loading them")
-    loaded, h2 = _fit(obj, second, cache, {"damping": 0.2})
+    loaded, h2 = _fit(obj, second, cache)
     assert loaded and second.fitted
     assert h2.num_hvps == 0
     V = _rhs(obj)
@@ -96,18 +101,21 @@ def test_toolbox_second_fit_uses_no_hvps(tmp_path):
     X, y = obj.train.take(range(5))
     tb1 = Toolbox(obj, damping=0.2, inverse="dense", eigen="lanczos", eigen_options={"m": 3},
                         cache_dir=tmp_path).fit()
-    assert tb1.hessian.num_hvps > 0
+    assert tb1.operator.num_hvps > 0
     tb2 = Toolbox(obj, damping=0.2, inverse="dense", eigen="lanczos", eigen_options={"m": 3},
                         cache_dir=tmp_path).fit()
-    assert tb2.hessian.num_hvps == 0
+    assert tb2.operator.num_hvps == 0
     assert torch.equal(tb1.influence(X, y), tb2.influence(X, y))
     assert torch.equal(tb1.extrapolation_score(X, m=3), tb2.extrapolation_score(X, m=3))
-    assert tb2.hessian.num_hvps == 0
+    assert tb2.operator.num_hvps == 0
     # "auto" damping from the cached dense spectrum: still no HVPs
     tb3 = Toolbox(obj, damping="auto", inverse="dense", eigen="dense", cache_dir=tmp_path).fit()
     tb4 = Toolbox(obj, damping="auto", inverse="dense", eigen="dense", cache_dir=tmp_path).fit()
-    assert tb4.hessian.num_hvps == 0 and tb3.damping == tb4.damping
-    assert len(list(tmp_path.iterdir())) == 3  # dense@0.2, lanczos@0.2, dense@auto; no temp folders left
+    assert tb4.operator.num_hvps == 0 and tb3.damping == tb4.damping
+    # the damping is not read by fit: δ = 0.2 and "auto" share the dense entry (the eigendecomposition is
+    # not recomputed when δ changes)
+    assert tb3.operator.num_hvps == 0
+    assert len(list(tmp_path.iterdir())) == 2  # dense, lanczos; no temp folders left
 
 
 # ------------------------------------------------------------------ invalidation: every change, a new key
@@ -184,18 +192,18 @@ def test_changed_setting_recomputes(tmp_path):
 
 
 # ------------------------------------------------------------------ corruption: detected, warned, recomputed
-def _entry(tmp_path, obj, backend_factory, extra=None):
+def _entry(tmp_path, obj, backend_factory):
     cache = CurvatureCache(tmp_path)
     ref = backend_factory()
-    _fit(obj, ref, cache, extra)
-    folder = cache.entry(fingerprint(obj, backend_factory(), extra), ref)
+    _fit(obj, ref, cache)
+    folder = cache.entry(_key(obj, backend_factory()), ref)
     return cache, ref, folder
 
 
-def _recompute_with_warning(cache, obj, backend_factory, match, extra=None):
+def _recompute_with_warning(cache, obj, backend_factory, match):
     again = backend_factory()
     with pytest.warns(CacheWarning, match=match):
-        loaded, h = _fit(obj, again, cache, extra)
+        loaded, h = _fit(obj, again, cache)
     assert not loaded and again.fitted
     return again, h
 
@@ -270,12 +278,12 @@ def test_corrupt_manifest_is_detected(tmp_path, damage):
 
 def test_manifest_contents(tmp_path):
     obj = make_problem("mlp")
-    cache, _, folder = _entry(tmp_path, obj, lambda: LanczosCurvature(m=3), {"damping": 0.2})
+    cache, _, folder = _entry(tmp_path, obj, lambda: LanczosCurvature(m=3))
     m = json.loads((folder / "manifest.json").read_text())
     assert folder.name.startswith("lanczos-") and m["key"].startswith(folder.name.split("-", 1)[1])
     assert m["backend"] == "lanczos" and m["settings"]["m"] == 3
     assert m["library"]["scalable_hbt"] and m["created"]
-    assert m["fingerprint"]["extra"]["damping"] == {"float": "0.2"}
+    assert m["fingerprint"]["extra"] == {"curvature": "hessian", "hvp_mode": "reverse-over-reverse"}
     assert set(m["files"]) == {"tensors.safetensors"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
 

@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from scalable_hbt.cli import build_parser  # noqa: E402
-from scalable_hbt.demo import (  # noqa: E402
+from scalable_hbt.apps.cli import build_parser  # noqa: E402
+from scalable_hbt.apps.demo import (  # noqa: E402
     FIGURES,
     QUICK_FIGURES,
     DemoConfig,

@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 
 from scalable_hbt import HessianOperator, Toolbox
 from scalable_hbt.curvature import LanczosCurvature
-from scalable_hbt.jobs import load_job, run_job
-from scalable_hbt.jobs.runner import read_results
+from scalable_hbt.apps.jobs import load_job, run_job
+from scalable_hbt.apps.jobs.runner import read_results
 from conftest import make_problem
 from jobs_fixture import write_job, write_problem
 
@@ -81,10 +81,10 @@ def test_shards_cover_the_data_once(monkeypatch):
 
 
 def _torchrun(job: Path) -> dict:
-    """``torchrun --nproc-per-node 2 -m scalable_hbt.cli run job`` (gloo); returns its summary.json."""
+    """``torchrun --nproc-per-node 2 -m scalable_hbt.apps.cli run job`` (gloo); returns its summary.json."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-           "-m", "scalable_hbt.cli", "run", str(job)]
+           "-m", "scalable_hbt.apps.cli", "run", str(job)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((job.parent / "sharded" / "summary.json").read_text())

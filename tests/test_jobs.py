@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from scalable_hbt import Objective, Toolbox
-from scalable_hbt.jobs import JobError, load_job, run_job
-from scalable_hbt.jobs.runner import read_results
+from scalable_hbt.apps.jobs import JobError, load_job, run_job
+from scalable_hbt.apps.jobs.runner import read_results
 from jobs_fixture import make_mlp, write_job, write_problem
 
 TESTS = Path(__file__).parent
@@ -68,8 +68,18 @@ def test_dry_run_prints_the_plan_with_memory(folder):
 
 def test_a_different_job_is_refused_in_the_same_output_folder(folder):
     run_job(load_job(write_job(folder, methods='["lees"]')), echo=lambda *_: None)
+    job = write_job(folder, methods='["lees"]')
+    job.write_text(job.read_text().replace("weight_decay = 0.01", "weight_decay = 0.02"))
     with pytest.raises(JobError, match="holds results of a different job"):
-        run_job(load_job(write_job(folder, methods='["influence"]')), echo=lambda *_: None)
+        run_job(load_job(job), echo=lambda *_: None)
+
+
+def test_a_method_can_be_added_to_a_finished_job(folder):
+    """Same inputs, one more method: the finished chunks are kept, only the new method runs."""
+    run_job(load_job(write_job(folder, methods='["lees"]')), echo=lambda *_: None)
+    summary = run_job(load_job(write_job(folder, methods='["lees", "influence"]')), echo=lambda *_: None)
+    assert summary["chunks_skipped"] == 5 and summary["chunks_computed"] == 5
+    assert read_results(folder / "out", "lees").shape == (24,)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -97,7 +107,7 @@ def test_malformed_job_files_name_the_key(folder, edit, message):
 
 def _run_cli(job: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "scalable_hbt.cli", "run", str(job)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "scalable_hbt.apps.cli", "run", str(job)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -73,7 +73,7 @@ def fitted():
     assert obj.gradient().norm() < 1e-10  # at the minimum
     hardest = _loss(Theta, Xt, yt).argsort(descending=True)[:8]  # where the first-order term dominates
     Xs, ys = Xt[hardest], yt[hardest]
-    I = Toolbox(obj, damping=0.0).influence(Xs, ys, test_loss="loss")  # convex: no damping needed
+    I = Toolbox(obj, damping=0.0, inverse="dense", eigen="dense").influence(Xs, ys, test_loss="loss")  # convex: no damping needed
     return X, y, Xs, ys, Theta, I
 
 
@@ -120,7 +120,7 @@ def test_removing_the_point_a_test_point_copies_raises_its_loss(fitted):
         model.bias.copy_(Theta[:, 64])
     obj = Objective(model, "cross_entropy", (X, y), weight_decay=WD, dtype=torch.float64, progress=False)
     r = int(_loss(Theta, X, y).argmax())  # the training point the fit struggles with most
-    I = Toolbox(obj, damping=0.0).influence(X[r:r + 1], y[r:r + 1], test_loss="loss")
+    I = Toolbox(obj, damping=0.0, inverse="dense", eigen="dense").influence(X[r:r + 1], y[r:r + 1], test_loss="loss")
     keep = torch.ones(N_TRAIN, dtype=torch.bool)
     keep[r] = False
     change = (_loss(_newton(Theta, X[keep], y[keep]), X[r:r + 1], y[r:r + 1]) - _loss(Theta, X[r:r + 1], y[r:r + 1])).item()

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from scalable_hbt import DenseCurvature, HessianOperator, Toolbox
 from scalable_hbt.curvature.lissa import LiSSACurvature
-from scalable_hbt.errors import SolverDivergenceError
+from scalable_hbt.errors import IndefiniteDampingError, SolverDivergenceError
 from conftest import make_problem
 
 N = 40
@@ -137,20 +137,20 @@ def test_negative_curvature_raises_with_a_damping_suggestion():
     assert lam_min < 0
     V = torch.randn(obj.num_params, 2, dtype=torch.float64)
     # refused up front from the Ritz estimate of λ_min made in fit
-    with pytest.raises(SolverDivergenceError, match=r"negative curvature.*damping, ≥ "):
+    with pytest.raises(IndefiniteDampingError, match=r"lissa \(negative curvature.*Use damping ≥ "):
         LiSSACurvature(batch_size=N, progress=False).fit(op).solve(V, 0.0)
     # and, without that estimate, caught by the growth check during the recursion
     blind = LiSSACurvature(batch_size=N, depth=2000, check_curvature=False, progress=False).fit(op)
-    with pytest.raises(SolverDivergenceError, match=r"diverged at step .*negative curvature.*damping, ≥ ") as info:
+    with pytest.raises(IndefiniteDampingError, match=r"diverged at step .*negative curvature.*Use damping ≥ ") as info:
         blind.solve(V, 0.0)
-    suggested = float(str(info.value).split("damping, ≥ ")[1].split(" ")[0])
+    suggested = info.value.suggested_damping
     assert suggested >= -lam_min - 1e-3
 
 
 def test_influence_rankings_match_dense():
     obj = make_problem("mlp", n=N)
     Xt, yt = obj.train.take(range(5))
-    exact = Toolbox(obj, damping="auto")
+    exact = Toolbox(obj, damping="auto", inverse="dense", eigen="dense")
     damping = exact.damping
     lissa = LiSSACurvature(batch_size=N // 4, deflate=10, variance_reduction=True, target=1e-4, seed=0, progress=False)
     approx = Toolbox(obj, damping=damping, inverse=lissa)
@@ -162,10 +162,10 @@ def test_influence_rankings_match_dense():
 
 
 def test_deflation_from_a_given_eigen_backend(fitted):
-    """With ``eigenpairs=`` the deflation basis comes from that backend: no Lanczos run of its own."""
+    """With ``eigen=`` the deflation basis comes from that backend: no Lanczos run of its own."""
     _, obj, op, dense, damping, V, ref = fitted
     own_X, own = _run(op, V, damping, deflate=10, batch_size=N, target=1e-8)
-    given_X, given = _run(op, V, damping, deflate=10, batch_size=N, target=1e-8, eigenpairs=dense)
+    given_X, given = _run(op, V, damping, deflate=10, batch_size=N, target=1e-8, eigen=dense)
     assert _rel(given_X, ref) <= 1e-6 and _rel(own_X, ref) <= 1e-6
     assert given["lanczos_iterations"] is None and own["lanczos_iterations"] > 0
     assert given["fit_hvps"] < own["fit_hvps"]

@@ -37,7 +37,7 @@ def test_influence_similarity_relatif_match_brute_force(kind, device):
     obj = make_problem(kind, device=device)
     Xt, yt = _test_points(obj)
     dmp = -torch.linalg.eigvalsh(brute_force_hessian(obj))[0].item() + 0.05
-    tb = Toolbox(obj, damping=dmp)
+    tb = Toolbox(obj, damping=dmp, inverse="dense", eigen="dense")
     I_ref, S_ref, R_ref = _reference(obj, Xt, yt, dmp)
     I = tb.influence(Xt, yt)
     assert I.shape == (4, obj.n)
@@ -49,7 +49,7 @@ def test_influence_similarity_relatif_match_brute_force(kind, device):
 def test_test_loss_choice_and_predicted_labels():
     obj = make_problem("mlp")
     Xt, yt = _test_points(obj)
-    tb = Toolbox(obj, damping=2.0)
+    tb = Toolbox(obj, damping=2.0, inverse="dense", eigen="dense")
     H = brute_force_hessian(obj)
     Hd_inv = torch.linalg.inv(H + 2.0 * torch.eye(len(H), dtype=H.dtype))
     X, y = obj.train.take(range(obj.n))
@@ -65,7 +65,7 @@ def test_accepts_dataset_and_dataloader():
 
     obj = make_problem("mlp")
     Xt, yt = _test_points(obj)
-    tb = Toolbox(obj, damping=1.0)
+    tb = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
     ref = tb.influence(Xt, yt)
     torch.testing.assert_close(tb.influence(TensorDataset(Xt, yt)), ref)
     torch.testing.assert_close(tb.influence(DataLoader(TensorDataset(Xt, yt), batch_size=3, shuffle=True)), ref)
@@ -75,7 +75,7 @@ def test_accepts_dataset_and_dataloader():
 def test_rue_bootstrap_mean_approaches_analytic_value_of_linearised_loss(device):
     obj = make_problem("mlp", device=device)
     Xt, yt = _test_points(obj)
-    tb = Toolbox(obj, damping=0.5)
+    tb = Toolbox(obj, damping=0.5, inverse="dense", eigen="dense")
     analytic = tb.rue(Xt, yt, method="analytic")
     # The linearised loss ℓ + g_tᵀΔθ_b over many multinomial draws: its variance is the analytic value.
     Gt = obj.gradients(Xt, yt)
@@ -85,14 +85,14 @@ def test_rue_bootstrap_mean_approaches_analytic_value_of_linearised_loss(device)
     # Monte-Carlo error of a variance estimate with B = 20000 draws is ~ sqrt(2/B) ≈ 1 %.
     torch.testing.assert_close(linear, analytic, rtol=0.05, atol=0)
     # and the closed form is ||I||² − (Σ I)²/n with I at δ' = δ + 1
-    I = Toolbox(obj, damping=1.5).influence(Xt, yt)
+    I = Toolbox(obj, damping=1.5, inverse="dense", eigen="dense").influence(Xt, yt)
     torch.testing.assert_close(analytic, I.square().sum(1) - I.sum(1).square() / obj.n)
 
 
 def test_rue_bootstrap_is_seeded_and_close_to_linearised_for_small_shifts():
     obj = make_problem("mlp", n=200, weight_decay=0.05)
     Xt, yt = _test_points(obj)
-    tb = Toolbox(obj, damping=0.5)
+    tb = Toolbox(obj, damping=0.5, inverse="dense", eigen="dense")
     a = tb.rue(Xt, yt, n_bootstrap=30, seed=1)
     torch.testing.assert_close(a, tb.rue(Xt, yt, n_bootstrap=30, seed=1), rtol=0, atol=0)
     assert not torch.equal(a, tb.rue(Xt, yt, n_bootstrap=30, seed=2))
@@ -106,7 +106,7 @@ def test_rue_bootstrap_is_seeded_and_close_to_linearised_for_small_shifts():
 def test_extrapolation_score_properties(kind):
     obj = make_problem(kind)
     Xt, _ = _test_points(obj)
-    tb = Toolbox(obj, damping=1.0)
+    tb = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
     M = obj.num_params
     g = obj.gradients(Xt, labels="predicted")
     torch.testing.assert_close(tb.extrapolation_score(Xt, m=0), g.norm(dim=1))
@@ -123,7 +123,7 @@ def test_extrapolation_score_properties(kind):
 def test_extrapolation_threshold_rule_removes_the_right_count():
     obj = make_problem("mlp")
     Xt, _ = _test_points(obj)
-    tb = Toolbox(obj, damping=1.0)
+    tb = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
     evals = torch.linalg.eigvalsh(brute_force_hessian(obj))
     for tau in (1e-3, 0.02, 0.1, 10.0):
         expected_m = max(2, int((evals > tau).sum()))
@@ -135,7 +135,7 @@ def test_extrapolation_threshold_rule_removes_the_right_count():
 def test_extrapolation_auto_m_is_where_scores_converge():
     obj = make_problem("cnn")
     Xt, _ = _test_points(obj)
-    tb = Toolbox(obj, damping=1.0)
+    tb = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
     scores = tb.extrapolation_score(Xt, m="auto")
     m = tb.last_m
     _, V = tb.eigen.eigh(obj.num_params)
@@ -152,21 +152,21 @@ def test_rue_solves_its_bootstrap_systems_once_for_many_test_chunks():
     Xt, yt = _test_points(obj)
     tb = Toolbox(obj, damping=1.0, inverse="cg")
     whole = tb.rue(Xt, yt, n_bootstrap=6, seed=4)
-    hvps = tb.hessian.num_hvps
+    hvps = tb.operator.num_hvps
     parts = torch.cat([tb.rue(Xt[:2], yt[:2], n_bootstrap=6, seed=4), tb.rue(Xt[2:], yt[2:], n_bootstrap=6, seed=4)])
-    assert tb.hessian.num_hvps == hvps  # the shifts were reused, not solved again
+    assert tb.operator.num_hvps == hvps  # the shifts were reused, not solved again
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=0)
     # the shifts are those of the function-level definition
     direct = bootstrap_shifts(obj, tb.inverse, tb.rue_damping, bootstrap_weights(obj.n, 6, seed=4))
     torch.testing.assert_close(tb.bootstrap_shifts(6, 4), direct, rtol=1e-8, atol=1e-12)
     tb.rue(Xt, yt, n_bootstrap=6, seed=5)  # another seed: new systems
-    assert tb.hessian.num_hvps > hvps
+    assert tb.operator.num_hvps > hvps
 
 
 def test_rue_with_predicted_labels_keeps_the_labels_of_the_trained_model():
     obj = make_problem("mlp")
     Xt, _ = _test_points(obj)
-    tb = Toolbox(obj, damping=1.0)
+    tb = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
     pred = obj.forward(obj.theta, Xt).argmax(1)
     torch.testing.assert_close(tb.rue(Xt, labels="predicted", n_bootstrap=8, seed=4),
                                tb.rue(Xt, pred, n_bootstrap=8, seed=4))

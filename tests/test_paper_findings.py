@@ -28,7 +28,7 @@ import torch
 
 from scalable_hbt import Toolbox
 from scalable_hbt.curvature import CGCurvature, LanczosCurvature
-from scalable_hbt.demo import (
+from scalable_hbt.apps.demo import (
     FIG3_TEST_V1,
     LEES_M,
     DemoConfig,
@@ -78,7 +78,7 @@ def gap_cnns() -> dict[int, tuple[PhaseDataset, PhaseDataset, TrainedModel, Tool
             tb = Toolbox(trained.objective(CFG), damping="auto", inverse="dense", eigen="dense")
         else:
             cg = CGCurvature(rtol=1e-10, max_iter=2000)  # no LEES here: no eigen backend to fit
-            tb = Toolbox(trained.objective(CFG), damping="auto", inverse=cg, eigen=cg, cache_graphs=True)
+            tb = Toolbox(trained.objective(CFG), damping="auto", inverse=cg, eigen=None, cache_graphs=True)
         out[L] = (train, test_set(L, progress=False), trained, tb.fit())
     return out
 

@@ -7,7 +7,7 @@ import torch
 
 from scalable_hbt import HessianOperator
 from scalable_hbt.curvature.lanczos import lanczos_tridiagonal, tridiagonal
-from scalable_hbt.spectral import hutchinson_trace, spectral_density
+from scalable_hbt.curvature.spectral import hutchinson_trace, spectral_density
 from conftest import brute_force_hessian, make_problem
 
 

@@ -1,14 +1,15 @@
 """The exact dense backend: the correctness oracle for small models.
 
-H is assembled column block by column block from batched HVPs, symmetrised,
-H ← (H + Hᵀ)/2, and diagonalised once in float64, H = Q Λ Qᵀ. Then exactly
+C is assembled column block by column block from batched products, symmetrised,
+C ← (C + Cᵀ)/2, and diagonalised once in float64, C = Q Λ Qᵀ. Then exactly
 
 .. math::
 
-    (H + δI)^{-1} V = Q\\,\\mathrm{diag}\\big(1/(λ_j + δ)\\big)\\,Q^T V,
+    (C + δI)^{-1} V = Q\\,\\mathrm{diag}\\big(1/(λ_j + δ)\\big)\\,Q^T V,
 
-and the top-m eigenpairs are the last m columns of Q (reversed). Refuses up front,
-naming the size, when the M × M matrices would not fit.
+and the top-m eigenpairs are the last m columns of Q (reversed). Cost: ⌈M / chunk⌉ passes
+over the data and one O(M³) eigendecomposition; memory ≈ 3.5 float64 M × M matrices (C, its
+eigenvectors, LAPACK's workspace) — refused up front, naming the size, when they would not fit.
 """
 
 from __future__ import annotations
@@ -18,17 +19,22 @@ import time
 import torch
 from torch import Tensor
 
-from ..errors import DenseTooLargeError, IndefiniteDampingError
-from ..hessian import HessianOperator
+from ..errors import DenseTooLargeError
 from ..memory import available_bytes, format_bytes
-from .base import CurvatureBackend
+from ..operators import CurvatureOperator
+from .base import CurvatureBackend, State, expect_shape
 
-# H, its eigenvectors and LAPACK's workspace, in float64, plus a working copy in the model dtype.
+# C, its eigenvectors and LAPACK's workspace, in float64, plus a working copy in the model dtype.
 _DENSE_MATRICES = 3.5
 
 
+def dense_bytes(M: int) -> int:
+    """Memory the dense path needs for M parameters (≈ 3.5 float64 M × M matrices)."""
+    return int(_DENSE_MATRICES * 8 * M * M)
+
+
 class DenseCurvature(CurvatureBackend):
-    """Exact eigendecomposition of the full Hessian.
+    """Exact eigendecomposition of the full curvature matrix.
 
     Parameters
     ----------
@@ -39,11 +45,12 @@ class DenseCurvature(CurvatureBackend):
         Bytes the dense matrices may use; default: what the device has available.
     cache_graphs:
         Keep each training chunk's gradient graph during assembly (see
-        :meth:`HessianOperator.cached_graphs`): ≈ 2× faster, but holds the graphs of all
-        training data in memory at once; switch off for large n.
+        :meth:`HessianOperator.cached_graphs`): faster, but holds the graphs of all training
+        data in memory at once; switch off for large n.
     """
 
     name = "dense"
+    roles = frozenset({"inverse", "eigen"})
 
     def __init__(self, chunk: int | None = None, max_memory: int | None = None, cache_graphs: bool = True) -> None:
         super().__init__()
@@ -53,40 +60,41 @@ class DenseCurvature(CurvatureBackend):
         self.eigenvalues: Tensor | None = None   # (M,) ascending, float64
         self.eigenvectors: Tensor | None = None  # (M, M) float64, columns
 
-    @staticmethod
-    def required_bytes(M: int) -> int:
-        """Memory the dense path needs for M parameters (≈ 3.5 float64 M × M matrices)."""
-        return int(_DENSE_MATRICES * 8 * M * M)
+    required_bytes = staticmethod(dense_bytes)
 
-    def _guard(self, hessian: HessianOperator) -> None:
-        M = hessian.shape[0]
-        need = self.required_bytes(M)
-        have = self.max_memory if self.max_memory is not None else available_bytes(hessian.device)
+    def memory_estimate(self, operator: CurvatureOperator, columns: int) -> dict[str, int]:
+        M = operator.shape[0]
+        return {"dense_matrices": dense_bytes(M), "solve_work": 2 * 8 * M * columns}
+
+    def _guard(self, operator: CurvatureOperator) -> None:
+        M = operator.shape[0]
+        need = dense_bytes(M)
+        have = self.max_memory if self.max_memory is not None else available_bytes(operator.device)
         if need > have:
             raise DenseTooLargeError(
-                f"the dense Hessian of M = {M:,} parameters needs about {format_bytes(need)} "
-                f"(M² float64 numbers for H, its eigenvectors and LAPACK workspace), but only "
-                f"{format_bytes(have)} is available on {hessian.device}. Use the matrix-free backends "
+                f"the dense {operator.kind} of M = {M:,} parameters needs about {format_bytes(need)} "
+                f"(M² float64 numbers for the matrix, its eigenvectors and LAPACK workspace), but only "
+                f"{format_bytes(have)} is available on {operator.device}. Use the matrix-free backends "
                 "instead: inverse='cg' or 'lissa' (or 'kfac'/'ekfac') and eigen='lanczos'."
             )
 
-    def fit(self, hessian: HessianOperator) -> DenseCurvature:
-        self._guard(hessian)
+    def fit(self, operator: CurvatureOperator) -> DenseCurvature:
+        self._guard(operator)
         t0 = time.perf_counter()
-        hvps0 = hessian.num_hvps
+        hvps0 = operator.num_hvps
         if self.cache_graphs:
-            with hessian.cached_graphs():
-                H = hessian.dense(self.chunk).to(torch.float64)
+            with operator.cached_graphs():
+                C = operator.dense(self.chunk).to(torch.float64)
         else:
-            H = hessian.dense(self.chunk).to(torch.float64)
-        asym = ((H - H.T).norm() / H.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
-        H = 0.5 * (H + H.T)
-        evals, evecs = torch.linalg.eigh(H)
-        del H
+            C = operator.dense(self.chunk).to(torch.float64)
+        asym = ((C - C.T).norm() / C.norm().clamp_min(torch.finfo(torch.float64).tiny)).item()
+        C = 0.5 * (C + C.T)
+        evals, evecs = torch.linalg.eigh(C)
+        del C
         self.eigenvalues, self.eigenvectors = evals, evecs
-        self._hessian = hessian
+        self._mark_fitted(operator)
         self.diagnostics = {
-            "hvps": hessian.num_hvps - hvps0,
+            "hvps": operator.num_hvps - hvps0,
             "relative_asymmetry": asym,
             "lambda_min": evals[0].item(),
             "lambda_max": evals[-1].item(),
@@ -94,16 +102,21 @@ class DenseCurvature(CurvatureBackend):
         }
         return self
 
+    def state_dict(self) -> State:
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors, "diagnostics": dict(self.diagnostics)}
+
+    def load_state_dict(self, state: State, operator: CurvatureOperator) -> None:
+        M = operator.shape[0]
+        expect_shape(state["eigenvalues"], (M,), "eigenvalues")
+        expect_shape(state["eigenvectors"], (M, M), "eigenvectors")
+        self.eigenvalues, self.eigenvectors = state["eigenvalues"], state["eigenvectors"]
+        self.diagnostics = dict(state["diagnostics"])
+        self._mark_fitted(operator)
+
     def _spectrum(self) -> tuple[Tensor, Tensor]:
         if self.eigenvalues is None or self.eigenvectors is None:
-            self.hessian  # raises the "not fitted" error
+            self.operator  # raises the "not fitted" error
         return self.eigenvalues, self.eigenvectors  # type: ignore[return-value]
-
-    def check_damping(self, damping: float) -> None:
-        """Raise :class:`IndefiniteDampingError` unless λ_min(H) + δ > 0."""
-        lam_min = self._spectrum()[0][0].item()
-        if lam_min + damping <= 0:
-            raise IndefiniteDampingError(lam_min, damping, where="dense backend")
 
     def solve(self, V: Tensor, damping: float) -> Tensor:
         evals, Q = self._spectrum()
@@ -115,10 +128,11 @@ class DenseCurvature(CurvatureBackend):
     def eigh(self, m: int) -> tuple[Tensor, Tensor]:
         self._check_m(m)
         evals, Q = self._spectrum()
-        dtype = self.hessian.dtype
+        dtype = self.operator.dtype
         M = evals.numel()
         idx = torch.arange(M - 1, M - 1 - m, -1, device=evals.device)
         return evals[idx].to(dtype), Q[:, idx].to(dtype)
 
     def min_eigenvalue(self) -> float:
         return self._spectrum()[0][0].item()
+

@@ -90,7 +90,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -99,9 +99,9 @@ from torch.func import grad, vmap
 
 from .. import distributed
 from ..errors import InputError
-from ..hessian import HessianOperator
+from ..operators import CurvatureOperator
 from ..objective import Objective
-from .base import CurvatureBackend
+from .base import CurvatureBackend, State, expect_shape
 
 _F64 = torch.float64
 _CORRECTION_NUMBERS = 2**25  # per-sample rotated gradients held at once by the EK-FAC pass (256 MiB in float64)
@@ -254,6 +254,7 @@ class KFACCurvature(CurvatureBackend):
     """
 
     name = "kfac"
+    roles = frozenset({"inverse"})
     _corrected = False
 
     def __init__(self, unsupported: Unsupported = "error") -> None:
@@ -384,9 +385,9 @@ class KFACCurvature(CurvatureBackend):
                 self.diag += g.to(_F64).square().sum(0)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, hessian: HessianOperator) -> KFACCurvature:
+    def fit(self, operator: CurvatureOperator) -> KFACCurvature:
         t0 = time.perf_counter()
-        obj = hessian.objective
+        obj = operator.objective
         self._recording = False
         self.weight_decay = obj.weight_decay
         named = dict(obj.model.named_parameters())
@@ -441,7 +442,7 @@ class KFACCurvature(CurvatureBackend):
             for layer in self.layers:
                 layer.S = distributed.all_reduce_sum(layer.S) / n
             passes = 2
-        self._hessian = hessian
+        self._mark_fitted(operator)
         kron = sum(layer.numel for layer in self.layers)
         self.diagnostics = {
             "layers": [{"name": l.name, "kind": l.kind, "A": (l.d_in, l.d_in), "G": (l.out, l.out)}
@@ -455,53 +456,95 @@ class KFACCurvature(CurvatureBackend):
         }
         return self
 
+    # ------------------------------------------------------------------ saved state
+    _LAYER_TENSORS = ("QA", "QG", "lamA", "lamG", "S")
+
+    def _layout(self) -> list[dict[str, Any]]:
+        return [{"name": l.name, "kind": l.kind, "out": l.out, "d_in": l.d_in} for l in self.layers]
+
+    def state_dict(self) -> State:
+        state: State = {"weight_decay": self.weight_decay, "diag_index": self.diag_index, "diag": self.diag,
+                        "diag_names": list(self.diag_names), "diagnostics": dict(self.diagnostics),
+                        "layers": self._layout()}
+        for i, layer in enumerate(self.layers):
+            for t in self._LAYER_TENSORS:
+                state[f"layer{i}.{t}"] = getattr(layer, t)
+        return state
+
+    def load_state_dict(self, state: State, operator: CurvatureOperator) -> None:
+        self._recording = False
+        self._discover(operator.objective)  # module references and flat ranges (re-emits the fallback warning)
+        if self._layout() != state["layers"]:
+            raise ValueError(f"layer layout differs: stored {state['layers']}, model has {self._layout()}")
+        if not torch.equal(state["diag_index"].to(self.diag_index.device), self.diag_index):
+            raise ValueError("fallback parameter indices differ")
+        for i, layer in enumerate(self.layers):
+            for t in self._LAYER_TENSORS:
+                setattr(layer, t, state[f"layer{i}.{t}"])
+            expect_shape(layer.S, (layer.out, layer.d_in), f"layer{i}.S")
+        self.diag = state["diag"]
+        self.diag_names = list(state["diag_names"])
+        self.weight_decay = float(state["weight_decay"])
+        self.diagnostics = dict(state["diagnostics"])
+        self._mark_fitted(operator)
+
+    def memory_estimate(self, operator: CurvatureOperator, columns: int) -> dict[str, int]:
+        probe = type(self)(self.unsupported)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KFACFallbackWarning)
+            probe._discover(operator.objective)
+        factors = sum(l.d_in ** 2 + l.out ** 2 + l.out * l.d_in for l in probe.layers) + 2 * probe.diag_index.numel()
+        M = operator.shape[0]
+        return {"kronecker_factors": 8 * factors, "fit_chunk": 8 * _CORRECTION_NUMBERS, "solve_work": 2 * 8 * M * columns}
+
     # ------------------------------------------------------------------ products
-    def _shift(self, damping: float) -> float:
-        self.hessian  # raises when not fitted
-        shift = float(damping) + self.weight_decay
-        if not shift > 0:
+    def _eigenvalue_offset(self, damping: float) -> float:
+        """δ' = δ + wd, added to every eigenvalue of the factored loss curvature."""
+        self.operator  # raises when not fitted
+        offset = float(damping) + self.weight_decay
+        if not offset > 0:
             raise InputError(
                 f"{self.name}: damping + weight_decay must be > 0 for the Kronecker approximation "
                 f"(PSD by construction) to be invertible; got damping={damping}, weight_decay={self.weight_decay}."
             )
-        return shift
+        return offset
 
     def _rows(self, V: Tensor, what: str, transpose: bool) -> Tensor:
-        M = self.hessian.shape[0]
+        M = self.operator.shape[0]
         R = V.T if transpose else V
         if R.ndim != 2 or R.shape[1] != M:
             raise InputError(f"{self.name}.{what}: expected shape {'(M, k)' if transpose else '(c, M)'} with "
                              f"M = {M}; got {tuple(V.shape)}.")
-        return R.to(device=self.hessian.device, dtype=_F64)
+        return R.to(device=self.operator.device, dtype=_F64)
 
     def solve(self, V: Tensor, damping: float) -> Tensor:
         """(Ĥ + δI)⁻¹ V for ``V (M, k)``; per layer Q_G[(Q_Gᵀ Ṽ Q_A) ⊘ (S + δ')]Q_Aᵀ, δ' = δ + wd."""
-        shift = self._shift(damping)
+        offset = self._eigenvalue_offset(damping)
         rows = self._rows(V, "solve", transpose=True)
         out = torch.empty_like(rows)
         for layer in self.layers:
             Wr = layer.QG.T @ layer.gather(rows) @ layer.QA
-            layer.scatter(out, layer.QG @ (Wr / (layer.S + shift)) @ layer.QA.T)
+            layer.scatter(out, layer.QG @ (Wr / (layer.S + offset)) @ layer.QA.T)
         if self.diag_index.numel():
-            out[:, self.diag_index] = rows[:, self.diag_index] / (self.diag + shift)
+            out[:, self.diag_index] = rows[:, self.diag_index] / (self.diag + offset)
         return out.T.to(V.dtype)
 
     def inverse_norms(self, G: Tensor, damping: float) -> Tensor:
         """‖(Ĥ + δI)⁻¹ g_r‖ for rows of ``G (c, M)``, in the eigenbasis (no rotation back); ``(c,)``."""
-        shift = self._shift(damping)
+        offset = self._eigenvalue_offset(damping)
         rows = self._rows(G, "inverse_norms", transpose=False)
         sq = torch.zeros(rows.shape[0], dtype=_F64, device=rows.device)
         for layer in self.layers:
             Wr = layer.QG.T @ layer.gather(rows) @ layer.QA
-            sq += (Wr / (layer.S + shift)).square().sum(dim=(1, 2))
+            sq += (Wr / (layer.S + offset)).square().sum(dim=(1, 2))
         if self.diag_index.numel():
-            sq += (rows[:, self.diag_index] / (self.diag + shift)).square().sum(1)
+            sq += (rows[:, self.diag_index] / (self.diag + offset)).square().sum(1)
         return sq.sqrt().to(G.dtype)
 
     def dense_matrix(self) -> Tensor:
         """The approximation Ĥ (M × M, float64, undamped, including wd·I), for tests and small models."""
-        M = self.hessian.shape[0]
-        H = torch.zeros(M, M, dtype=_F64, device=self.hessian.device)
+        M = self.operator.shape[0]
+        H = torch.zeros(M, M, dtype=_F64, device=self.operator.device)
         for layer in self.layers:
             Q = torch.kron(layer.QG, layer.QA)
             blk = (Q * layer.S.reshape(1, -1)) @ Q.T

@@ -1,16 +1,18 @@
-"""Top eigenpairs of H by Lanczos with full reorthogonalisation, and a low-rank inverse.
+"""Top eigenpairs of a symmetric operator A (the curvature C, or −C, or a projection of it)
+by Lanczos with full reorthogonalisation.
 
-Lanczos builds an orthonormal basis Q_k of the Krylov space span{q, Hq, …, H^{k−1}q} in
-which H is tridiagonal, T_k = Q_kᵀ H Q_k; the Ritz pairs (θ_i, Q_k s_i) of T_k converge
+Lanczos builds an orthonormal basis Q_k of the Krylov space span{q, Aq, …, A^{k−1}q} in
+which A is tridiagonal, T_k = Q_kᵀ A Q_k; the Ritz pairs (θ_i, Q_k s_i) of T_k converge
 first at the ends of the spectrum. Every new vector is reorthogonalised against all
 previous ones (twice, "twice is enough"), which keeps Q_k orthonormal to round-off and
-avoids ghost eigenvalues. A Ritz pair has residual ‖H y_i − θ_i y_i‖ = |β_k s_{k,i}|;
+avoids ghost eigenvalues. A Ritz pair has residual ‖A y_i − θ_i y_i‖ = |β_k s_{k,i}|;
 iteration stops when the top m residuals are below ``tol · |θ_1|``. The top-m solver
 restarts thickly (keeping the leading Ritz vectors) so that it never holds more than
 ``basis_size`` vectors; stochastic Lanczos quadrature uses the plain tridiagonal recursion.
 
 Backends: ``"torch"`` (any device, the default), ``"scipy"`` (ARPACK ``eigsh`` through
 the LinearOperator adapter) and ``"cupy"`` (``cupyx.scipy.sparse.linalg.eigsh`` on CUDA).
+Cost of a top-m fit: about 20m products or fewer (Ritz convergence), memory basis_size·M.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError, SolverDivergenceError
-from ..hessian import HessianOperator
-from .base import CurvatureBackend
+from ..errors import InputError
+from ..operators import CurvatureOperator, LinearOperator, Scaled
+from ..validation import check_choice, check_integer, check_number
+from .base import CurvatureBackend, State, expect_shape
 
 _METHODS = ("torch", "scipy", "cupy")
 
@@ -32,24 +35,24 @@ _METHODS = ("torch", "scipy", "cupy")
 StopRule = Callable[[list, list, float], bool]
 
 
-def lanczos_tridiagonal(hessian: HessianOperator, start: Tensor, max_iter: int, *,
+def lanczos_tridiagonal(operator: LinearOperator, start: Tensor, max_iter: int, *,
                         stop: StopRule | None = None,
                         restart: torch.Generator | None = None) -> tuple[list[float], list[float], Tensor]:
     """Lanczos with full reorthogonalisation from ``start`` (M,).
 
-    Returns the diagonal α (k,) and off-diagonal β (k−1,) of T_k = Q_kᵀ H Q_k and the basis
+    Returns the diagonal α (k,) and off-diagonal β (k−1,) of T_k = Q_kᵀ A Q_k and the basis
     Q_k (M, k). After each step ``stop(alphas, betas, β_next)`` may end the iteration. When
     the Krylov space becomes invariant (β ≈ 0), iteration ends, or, given a ``restart``
     generator, continues from a fresh random vector orthogonal to Q_k (β = 0 in T).
     """
-    M = hessian.shape[0]
-    dtype, device = hessian.dtype, hessian.device
+    M = operator.shape[0]
+    dtype, device = operator.dtype, operator.device
     Q = torch.empty(M, max_iter + 1, dtype=dtype, device=device)
     Q[:, 0] = start.to(device=device, dtype=dtype) / start.norm()
     alphas: list[float] = []
     betas: list[float] = []
     for j in range(max_iter):
-        w = hessian.matvec(Q[:, j])
+        w = operator.matvec(Q[:, j])
         alphas.append(torch.dot(w, Q[:, j]).item())
         basis = Q[:, : j + 1]
         for _ in range(2):  # full reorthogonalisation, twice
@@ -140,31 +143,31 @@ class _Basis:
         return self.head
 
 
-def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_iter: int | None = None,
+def lanczos_top(operator: LinearOperator, m: int, *, tol: float = 1e-10, max_iter: int | None = None,
                 seed: int = 0, basis_size: int | None = None) -> tuple[Tensor, Tensor, dict]:
-    """Top-m eigenpairs (algebraically largest first) of the symmetric operator ``hessian``
+    """Top-m eigenpairs (algebraically largest first) of the symmetric ``operator`` A
     by thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
     At most ``basis_size`` vectors of length M are held (default m + max(10, m/2)), so the
     memory is O(m·M) however many iterations convergence takes. Each step appends
-    H q_j orthogonalised (twice) against the basis Q and records the projections as
-    column j of T = QᵀHQ. When the basis is full, Rayleigh–Ritz on T keeps the leading
+    A q_j orthogonalised (twice) against the basis Q and records the projections as
+    column j of T = QᵀAQ. When the basis is full, Rayleigh–Ritz on T keeps the leading
     Ritz vectors Y = QS, and the last residual direction continues the Krylov space
     (T becomes diag(θ) bordered by the coupling β·S_{k,:}). A Ritz pair's residual is
-    ‖H y_i − θ_i y_i‖ = β|S_{k,i}|; iteration stops when the top m are ≤ tol·|θ_1| or after
+    ‖A y_i − θ_i y_i‖ = β|S_{k,i}|; iteration stops when the top m are ≤ tol·|θ_1| or after
     ``max_iter`` HVPs (default max(50, 20m)). The Ritz vectors are formed in place, so the
     peak memory is ``basis_size`` vectors and the result keeps m. Returns values ``(m,)``,
     orthonormal vectors ``(M, m)`` and diagnostics (HVPs, restarts, the largest relative
     Ritz residual).
     """
-    M = hessian.shape[0]
+    M = operator.shape[0]
     if not 1 <= m <= M:
         raise InputError(f"m must lie in [1, {M}]; got {m}.")
     k_max = min(M, basis_size_for(m, basis_size))
     if k_max <= m and k_max < M:
         raise InputError(f"basis_size must exceed m = {m}; got {basis_size}.")
     max_iter = max_iter or max(50, 20 * m)
-    dtype, device = hessian.dtype, hessian.device
+    dtype, device = operator.dtype, operator.device
     gen = torch.Generator().manual_seed(seed)
 
     def random_direction() -> Tensor:
@@ -174,11 +177,11 @@ def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_ite
     T = np.zeros((k_max, k_max))
     q = random_direction()
     Q.set_column(0, q / q.norm())
-    hvps0 = hessian.num_hvps
+    hvps0 = operator.num_hvps
     k, steps, restarts = 1, 0, 0  # k: basis vectors held; the last one is expanded next
     residual = float("inf")
     while True:
-        w = hessian.matvec(Q.column(k - 1))
+        w = operator.matvec(Q.column(k - 1))
         steps += 1
         w, coeff = Q.orthogonalise(w, k)
         column = coeff.to(torch.float64).cpu().numpy()
@@ -222,37 +225,52 @@ def lanczos_top(hessian: HessianOperator, m: int, *, tol: float = 1e-10, max_ite
     values = theta[:m].copy()
     Q.rotate(torch.as_tensor(S[:, :m].copy(), dtype=dtype, device=device), k)
     vectors = Q.release_head()
-    info = {"iterations": steps, "hvps": hessian.num_hvps - hvps0, "restarts": restarts, "basis_size": k_max,
+    info = {"iterations": steps, "hvps": operator.num_hvps - hvps0, "restarts": restarts, "basis_size": k_max,
             "max_relative_residual": residual, "converged": residual <= tol}
     return torch.as_tensor(values, dtype=dtype, device=device), vectors, info
 
 
-def _arpack_top(hessian: HessianOperator, m: int, tol: float, seed: int) -> tuple[Tensor, Tensor, dict]:
+def _arpack_top(operator: CurvatureOperator, m: int, tol: float, seed: int) -> tuple[Tensor, Tensor, dict]:
     from scipy.sparse.linalg import eigsh
 
-    hvps0 = hessian.num_hvps
-    v0 = np.random.default_rng(seed).standard_normal(hessian.shape[0])
-    values, vectors = eigsh(hessian.to_scipy(), k=m, which="LA", tol=tol, v0=v0)
+    hvps0 = operator.num_hvps
+    v0 = np.random.default_rng(seed).standard_normal(operator.shape[0])
+    values, vectors = eigsh(operator.to_scipy(), k=m, which="LA", tol=tol, v0=v0)
     order = np.argsort(values)[::-1]
-    info = {"hvps": hessian.num_hvps - hvps0, "method": "scipy"}
-    return (torch.as_tensor(values[order].copy(), dtype=hessian.dtype, device=hessian.device),
-            torch.as_tensor(vectors[:, order].copy(), dtype=hessian.dtype, device=hessian.device), info)
+    info = {"hvps": operator.num_hvps - hvps0, "method": "scipy"}
+    return (torch.as_tensor(values[order].copy(), dtype=operator.dtype, device=operator.device),
+            torch.as_tensor(vectors[:, order].copy(), dtype=operator.dtype, device=operator.device), info)
 
 
-def _cupy_top(hessian: HessianOperator, m: int, tol: float, seed: int) -> tuple[Tensor, Tensor, dict]:
+def _cupy_top(operator: CurvatureOperator, m: int, tol: float, seed: int) -> tuple[Tensor, Tensor, dict]:
     import cupy
     from cupyx.scipy.sparse.linalg import eigsh
 
-    hvps0 = hessian.num_hvps
-    values, vectors = eigsh(hessian.to_cupy(), k=m, which="LA", tol=tol)
+    hvps0 = operator.num_hvps
+    v0 = cupy.asarray(np.random.default_rng(seed).standard_normal(operator.shape[0]))
+    values, vectors = eigsh(operator.to_cupy(), k=m, which="LA", tol=tol, v0=v0)
     order = cupy.argsort(values)[::-1]
-    info = {"hvps": hessian.num_hvps - hvps0, "method": "cupy"}
-    return (torch.from_dlpack(values[order].copy()).to(hessian.dtype),
-            torch.from_dlpack(vectors[:, order].copy()).to(hessian.dtype), info)
+    info = {"hvps": operator.num_hvps - hvps0, "method": "cupy"}
+    return (torch.from_dlpack(values[order].copy()).to(operator.dtype),
+            torch.from_dlpack(vectors[:, order].copy()).to(operator.dtype), info)
+
+
+def smallest_eigenvalue(operator: LinearOperator, *, tol: float = 1e-6, max_iter: int | None = None,
+                        seed: int = 0) -> tuple[float, dict]:
+    """λ_min of a symmetric operator as the top eigenvalue of −A by thick-restart Lanczos.
+
+    The Ritz value is an upper bound of the true λ_min that converges to it; ``tol`` is the
+    relative Ritz residual (relative to |λ_min|). Returns the value and the Lanczos diagnostics.
+    This is how ``damping="auto"`` finds λ_min when no backend knows it exactly.
+    """
+    M = operator.shape[0]
+    values, _, info = lanczos_top(Scaled(operator, -1.0), 1, tol=tol, seed=seed,
+                                  max_iter=max_iter or min(max(50, M), 1000), basis_size=min(M, 20))
+    return -float(values[0]), info
 
 
 class LanczosCurvature(CurvatureBackend):
-    """Top-m eigenpairs of H (matrix-free), for LEES and as the basis of a low-rank inverse.
+    """Top-m eigenpairs of C (matrix-free), for LEES and as the basis of a low-rank inverse.
 
     Parameters
     ----------
@@ -261,70 +279,72 @@ class LanczosCurvature(CurvatureBackend):
     tol:
         Relative Ritz-residual tolerance.
     max_iter:
-        Hessian-vector products at most (default max(50, 20m)).
+        Operator products at most (default max(50, 20m)).
     basis_size:
         Lanczos vectors held at once (default m + max(10, m/2)); memory is basis_size·M.
     seed:
         Seed of the start vector.
     method:
-        ``"torch"``, ``"scipy"`` or ``"cupy"``.
+        ``"torch"``, ``"scipy"`` (ARPACK) or ``"cupy"``.
     """
 
     name = "lanczos"
+    roles = frozenset({"eigen"})
 
     def __init__(self, m: int = 20, tol: float = 1e-10, max_iter: int | None = None, seed: int = 0,
                  method: str = "torch", basis_size: int | None = None) -> None:
         super().__init__()
-        if method not in _METHODS:
-            raise InputError(f"method must be one of {_METHODS}; got {method!r}.")
-        self.m, self.tol, self.max_iter, self.seed, self.method = int(m), tol, max_iter, seed, method
+        check_choice("method", method, _METHODS, where=self.name)
+        check_integer("m", m, 1, where=self.name)
+        check_number("tol", tol, high=1, strict=True, where=self.name)
+        check_integer("max_iter", max_iter, 1, allow_none=True, where=self.name)
+        check_integer("basis_size", basis_size, 1, allow_none=True, where=self.name)
+        check_integer("seed", seed, where=self.name)
+        self.m, self.tol, self.max_iter, self.seed, self.method = m, float(tol), max_iter, seed, method
         self.basis_size = basis_size
         self.values: Tensor | None = None
         self.vectors: Tensor | None = None
 
+    def memory_estimate(self, operator: CurvatureOperator, columns: int) -> dict[str, int]:
+        M = operator.shape[0]
+        return {"lanczos_basis": min(M, basis_size_for(self.m, self.basis_size)) * M * operator.dtype.itemsize}
+
     def _compute(self, m: int) -> None:
         t0 = time.perf_counter()
+        operator = self.operator
         if self.method == "torch":
-            values, vectors, info = lanczos_top(self.hessian, m, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
+            values, vectors, info = lanczos_top(operator, m, tol=self.tol, max_iter=self.max_iter, seed=self.seed,
                                                 basis_size=self.basis_size)
         elif self.method == "scipy":
-            values, vectors, info = _arpack_top(self.hessian, m, self.tol, self.seed)
+            values, vectors, info = _arpack_top(operator, m, self.tol, self.seed)
         else:
-            values, vectors, info = _cupy_top(self.hessian, m, self.tol, self.seed)
+            values, vectors, info = _cupy_top(operator, m, self.tol, self.seed)
         self.values, self.vectors = values, vectors
         self.diagnostics = {**info, "m": m, "seconds": time.perf_counter() - t0}
 
-    def fit(self, hessian: HessianOperator) -> LanczosCurvature:
-        self._hessian = hessian
-        self._compute(min(self.m, hessian.shape[0]))
+    def fit(self, operator: CurvatureOperator) -> LanczosCurvature:
+        self._mark_fitted(operator)
+        self._compute(min(self.m, operator.shape[0]))
         return self
+
+    def state_dict(self) -> State:
+        return {"values": self.values, "vectors": self.vectors, "diagnostics": dict(self.diagnostics)}
+
+    def load_state_dict(self, state: State, operator: CurvatureOperator) -> None:
+        if state["values"] is None or state["vectors"] is None:
+            raise ValueError("no eigenpairs stored")
+        expect_shape(state["vectors"], (operator.shape[0], state["values"].numel()), "vectors")
+        self.values, self.vectors = state["values"], state["vectors"]
+        self.diagnostics = dict(state["diagnostics"])
+        self._mark_fitted(operator)
 
     def eigh(self, m: int) -> tuple[Tensor, Tensor]:
         self._check_m(m)
+        operator = self.operator
         if m == 0:
-            M = self.hessian.shape[0]
-            return (torch.empty(0, dtype=self.hessian.dtype, device=self.hessian.device),
-                    torch.empty(M, 0, dtype=self.hessian.dtype, device=self.hessian.device))
+            M = operator.shape[0]
+            return (torch.empty(0, dtype=operator.dtype, device=operator.device),
+                    torch.empty(M, 0, dtype=operator.dtype, device=operator.device))
         if self.values is None or self.values.numel() < m:
             self._compute(m)
         return self.values[:m], self.vectors[:, :m]  # type: ignore[index]
-
-
-class LowRankCurvature(LanczosCurvature):
-    """Low-rank-plus-damping inverse from the top-m eigenpairs V_m, Λ_m:
-
-    .. math::
-
-        (H + δI)^{-1} ≈ V_m\\,\\mathrm{diag}\\big(1/(λ_i + δ)\\big) V_m^T + \\tfrac1δ (I − V_m V_m^T),
-
-    exact on span(V_m), and treating the rest of the spectrum as 0 (the flat directions).
-    """
-
-    name = "lowrank"
-
-    def solve(self, V: Tensor, damping: float) -> Tensor:
-        if damping <= 0:
-            raise InputError("the low-rank inverse needs damping δ > 0 (it treats the unresolved spectrum as 0).")
-        values, vectors = self.eigh(self.m if self.values is None else self.values.numel())
-        coeff = vectors.T @ V
-        return vectors @ (coeff / (values + damping).unsqueeze(1)) + (V - vectors @ coeff) / damping

@@ -1,7 +1,7 @@
 """Plain-matplotlib versions of the paper's Figs. 3–6 (Dawid et al. 2021, section III).
 
 Every function takes arrays and returns a :class:`matplotlib.figure.Figure`; nothing here
-computes curvature or trains a model (``scalable_hbt.demo`` does that), so the drawing is
+computes curvature or trains a model (``scalable_hbt.apps.demo`` does that), so the drawing is
 testable on small synthetic arrays. Conventions shared by all figures, as in the paper:
 
 * x axis: V1 on a symmetric-log scale, linear on [0, 1] (Luttinger liquid) and

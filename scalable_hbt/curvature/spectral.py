@@ -20,26 +20,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .curvature.lanczos import lanczos_tridiagonal, tridiagonal
-from .errors import InputError
-from .hessian import HessianOperator
+from ..errors import InputError
+from ..operators import LinearOperator
+from .lanczos import lanczos_tridiagonal, tridiagonal
 
 
 def _rademacher(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
     return torch.randint(0, 2, shape, generator=gen, dtype=torch.float64) * 2 - 1
 
 
-def hutchinson_trace(hessian: HessianOperator, n_samples: int = 100, *, seed: int = 0,
+def hutchinson_trace(operator: LinearOperator, n_samples: int = 100, *, seed: int = 0,
                      batch: int = 16) -> tuple[float, float]:
     """tr(H) ≈ (1/N) Σ_s z_sᵀ H z_s over N Rademacher vectors; returns (estimate, standard error)."""
     if n_samples < 2:
         raise InputError(f"n_samples must be ≥ 2 to estimate an error; got {n_samples}.")
-    M = hessian.shape[0]
+    M = operator.shape[0]
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for start in range(0, n_samples, batch):
-        Z = _rademacher((M, min(batch, n_samples - start)), gen).to(device=hessian.device, dtype=hessian.dtype)
-        samples.append((Z * hessian.matmat(Z)).sum(0).to(torch.float64).cpu())
+        Z = _rademacher((M, min(batch, n_samples - start)), gen).to(device=operator.device, dtype=operator.dtype)
+        samples.append((Z * operator.matmat(Z)).sum(0).to(torch.float64).cpu())
     values = torch.cat(samples)
     return values.mean().item(), (values.std() / np.sqrt(n_samples)).item()
 
@@ -63,15 +63,15 @@ class SpectralDensity:
         return float((self.weights * self.nodes**power).sum(1).mean())
 
 
-def spectral_density(hessian: HessianOperator, steps: int = 80, runs: int = 4, *, seed: int = 0) -> SpectralDensity:
+def spectral_density(operator: LinearOperator, steps: int = 80, runs: int = 4, *, seed: int = 0) -> SpectralDensity:
     """Nodes and weights of stochastic Lanczos quadrature (``steps`` Lanczos steps, ``runs`` start vectors)."""
-    M = hessian.shape[0]
+    M = operator.shape[0]
     steps = min(steps, M)
     gen = torch.Generator().manual_seed(seed)
     nodes = np.zeros((runs, steps))
     weights = np.zeros((runs, steps))
     for r in range(runs):
-        alphas, betas, _ = lanczos_tridiagonal(hessian, _rademacher((M,), gen), steps)
+        alphas, betas, _ = lanczos_tridiagonal(operator, _rademacher((M,), gen), steps)
         theta, S = np.linalg.eigh(tridiagonal(alphas, betas))
         k = len(theta)  # fewer than ``steps`` when the Krylov space became invariant: exact then
         nodes[r, :k], weights[r, :k] = theta, S[0, :] ** 2

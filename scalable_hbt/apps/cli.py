@@ -7,9 +7,10 @@ import os
 import shlex
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
 
 
 def _at_least_two(text: str) -> int:
@@ -36,20 +37,33 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .distributed import process_group_from_environment
-    from .jobs import JobError, load_job, run_job
+    """``hbt run``: any error is one line ``hbt run: <message>`` on stderr and exit status 2
+    (the traceback too with ``--debug``)."""
+    import logging
 
+    from ..distributed import process_group_from_environment
+    from .jobs import load_job, run_job
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="hbt run: %(message)s")
+    echo = (lambda *_: None) if args.quiet else print
     try:
         spec = load_job(args.job)
-        with process_group_from_environment(spec.objective.get("device", "cpu")):
-            run_job(spec, dry_run=args.dry_run)
-    except JobError as err:
-        print(f"hbt run: {err}", file=sys.stderr)
+        with process_group_from_environment(spec.objective.device):
+            run_job(spec, dry_run=args.dry_run, overwrite=args.overwrite, wait=args.wait,
+                    progress=not (args.no_progress or args.quiet), echo=echo)
+    except KeyboardInterrupt:
+        print("hbt run: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    except Exception as err:  # every failure is reported, none as a bare traceback unless asked
+        if args.debug:
+            traceback.print_exc()
+        message = str(err).strip() or type(err).__name__
+        print(f"hbt run: {message}", file=sys.stderr)
         return 2
     return 0
 
 
-BENCH_REPORT = Path(__file__).resolve().parent.parent / "benchmarks" / "report.py"
+BENCH_REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
 """The suite's runner and report generator (present in a source checkout, not in a wheel)."""
 
 
@@ -115,8 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a batch job described by a TOML file (resumable; "
                                      "under torchrun the training data is sharded across the processes)")
-    run.add_argument("job", help="the job file, e.g. job.toml (see scalable_hbt.jobs.spec for the format)")
-    run.add_argument("--dry-run", action="store_true", help="validate the job and print the plan with memory estimates")
+    run.add_argument("job", help="the job file, e.g. job.toml (see scalable_hbt.apps.jobs.spec for the format)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="load and check the model, data and every setting, and print the plan with memory "
+                          "estimates; computes nothing")
+    run.add_argument("--overwrite", action="store_true",
+                     help="discard the results in the output folder and start over (the curvature cache is kept: "
+                          "its entries are keyed by their inputs)")
+    run.add_argument("--wait", action="store_true",
+                     help="if another hbt run is using the output folder, wait for it instead of refusing")
+    run.add_argument("--no-progress", action="store_true", help="hide progress bars (TQDM_DISABLE=1 does too)")
+    run.add_argument("--quiet", action="store_true", help="print only errors and warnings")
+    run.add_argument("--debug", action="store_true", help="print the traceback of an error")
     run.set_defaults(func=_run)
     bench = sub.add_parser("bench", help="run the benchmark suite and write benchmarks/RESULTS.md and plots",
                            description="Exact vs approximate backends, peers side by side, scaling in M and n. "

@@ -1,6 +1,6 @@
 """Local-Ensembles extrapolation score (Madras et al. 2020; DESIGN §1).
 
-With V_m the m eigenvectors of H with the algebraically largest eigenvalues,
+With V_m the m eigenvectors of the curvature C with the algebraically largest eigenvalues,
 
 .. math::
 
@@ -17,13 +17,17 @@ E_m is non-increasing in m and E_M = 0. Choosing m:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ..curvature.base import CurvatureBackend
+from ..curvature import CurvatureBackend
 from ..data import DataLike
 from ..errors import InputError
 from ..objective import Labels, Objective, TestLoss
+from ..validation import SettingError, check_integer, check_number
+from .base import FittedCurvature, Method, MethodResult, TestSettings
 
 MIN_REMOVED = 2
 
@@ -86,3 +90,38 @@ def extrapolation_score(objective: Objective, eigen: CurvatureBackend, test: Dat
         if chosen < k or k == eigen.max_rank:
             return scores_for_all_m(G, V[:, :chosen])[:, -1], chosen
         k = min(2 * k, eigen.max_rank)
+
+
+@dataclass(frozen=True)
+class LEESSettings(TestSettings):
+    """``m``: an integer, ``"auto"`` (convergence rule, up to ``m_max`` eigenpairs) or ``None``
+    with the threshold rule (eigenvalues > ``threshold`` removed, never fewer than 2).
+    Labels default to "predicted": LEES is for test points without labels."""
+
+    labels: Labels = "predicted"
+    m: int | str | None = None
+    threshold: float | None = 0.1
+    m_max: int = 100
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.m is None or self.m == "auto"):
+            check_integer("m", self.m, 0, note=", 'auto', or None (the threshold rule)")
+        check_number("threshold", self.threshold, allow_none=True)
+        check_integer("m_max", self.m_max, 1)
+
+
+def _run(fitted: FittedCurvature, X: DataLike, y: Tensor | None, s: LEESSettings) -> MethodResult:
+    eigen = fitted.eigen
+    if eigen is None:
+        raise InputError("this Toolbox has no eigen backend (eigen=None); build it with eigen='lanczos' or 'dense' "
+                         "for the extrapolation score.")
+    if isinstance(s.m, int) and s.m > eigen.max_rank:
+        raise SettingError("m", s.m, f"at most {eigen.max_rank}, the eigenpairs the {eigen.name!r} backend can give")
+    scores, m = extrapolation_score(fitted.objective, eigen, X, y, labels=s.labels, m=s.m, threshold=s.threshold,
+                                    test_loss=s.test_loss, m_max=s.m_max)
+    return scores, {"m": m}
+
+
+LEES = Method("lees", LEESSettings, _run, per_training_point=False, needs=frozenset({"eigen"}),
+              test_local=lambda s: True)
