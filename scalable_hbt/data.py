@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -19,7 +20,8 @@ from torch.utils.data.dataloader import default_collate
 
 from .errors import InputError
 
-DataLike = Union[Tensor, tuple, list, Dataset, DataLoader]
+DataLike = Union[Tensor, np.ndarray, tuple, list, Dataset, DataLoader]
+_ARRAYS = (Tensor, np.ndarray)
 
 
 @dataclass
@@ -87,16 +89,17 @@ class DataSource:
                 f"{name}: an IterableDataset has no fixed order or length, so training points "
                 "cannot be indexed. Materialise it into tensors or a map-style Dataset."
             )
-        elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], Tensor):
+        elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(a, _ARRAYS) for a in data):
             if y is not None:
                 raise InputError(f"{name}: targets were given twice (inside the tuple and as y).")
-            self._X, self._y = data[0], data[1]
-        elif isinstance(data, Tensor):
-            self._X, self._y = data, y
+            self._X, self._y = torch.as_tensor(data[0]), torch.as_tensor(data[1])
+        elif isinstance(data, _ARRAYS):
+            self._X, self._y = torch.as_tensor(data), (None if y is None else torch.as_tensor(y))
         else:
+            inside = f" of ({', '.join(type(a).__name__ for a in data)})" if isinstance(data, (tuple, list)) else ""
             raise InputError(
-                f"{name}: expected a tensor X, a tuple (X, y), a Dataset or a DataLoader; "
-                f"got {type(data).__name__}."
+                f"{name}: expected a tensor or array X, a pair (X, y) of tensors or arrays, a Dataset or a "
+                f"DataLoader; got a {type(data).__name__}{inside}."
             )
         if self._X is not None:
             self._validate_tensors()
@@ -117,6 +120,11 @@ class DataSource:
                     f"{self.name}: inputs have {X.shape[0]} samples but targets have shape {tuple(y.shape)}; "
                     "the first dimension of X and y must agree."
                 )
+
+    @property
+    def targets(self) -> Tensor | None:
+        """All targets at once when the data are tensors (``None`` for datasets and unlabelled data)."""
+        return self._y if self._X is not None else None
 
     def __len__(self) -> int:
         if self._X is not None:

@@ -29,14 +29,16 @@ def mse(outputs: Tensor, targets: Tensor) -> Tensor:
 class LossSpec:
     """A per-sample loss and what kind of targets it takes.
 
-    ``classification`` losses take integer class targets and admit predicted labels
-    (``argmax`` of the outputs); regression losses take float targets shaped like the
-    outputs.
+    ``classification`` losses take integer class targets in [0, C) and admit predicted labels
+    (``argmax`` of the outputs); regression losses take float targets shaped like the outputs.
+    ``ignore_index``: a target value the loss skips (contributing 0), when it has one by design;
+    any other label outside [0, C) is an error.
     """
 
     name: str
     fn: LossFn
     classification: bool
+    ignore_index: int | None = None
 
 
 LOSSES: dict[str, "LossSpec"] = {

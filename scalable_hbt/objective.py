@@ -30,6 +30,7 @@ from .data import Batch, DataLike, DataSource
 from .errors import InputError, TrainModeWarning
 from .losses import LossFn, check_per_sample, predicted_targets, resolve_loss
 from .log import progress_bar
+from .validation import check_choice, check_integer, check_number
 
 Labels = Literal["true", "predicted"]
 TestLoss = Literal["objective", "loss"]
@@ -37,11 +38,7 @@ TestLoss = Literal["objective", "loss"]
 _STOCHASTIC_MODULES = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm,
                        nn.AlphaDropout, nn.FeatureAlphaDropout)
 _PER_SAMPLE_GRADIENT_BUDGET = 2**26  # floats held at once by one chunk of per-sample gradients
-
-
-def _check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    if value not in allowed:
-        raise InputError(f"{what} must be one of {allowed}; got {value!r}.")
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 class Objective:
@@ -86,12 +83,13 @@ class Objective:
     ) -> None:
         if train is None:
             raise InputError("Objective needs training data: train=(X, y), a Dataset or a DataLoader.")
-        if not dtype.is_floating_point:
-            raise InputError(f"dtype must be a floating type such as torch.float32 or torch.float64; got {dtype}.")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0 and weight_decay == weight_decay):
-            raise InputError(f"weight_decay must be a finite number ≥ 0; got {weight_decay!r}.")
-        if int(batch_size) < 1:
-            raise InputError(f"batch_size must be ≥ 1; got {batch_size}.")
+        if not isinstance(dtype, torch.dtype) or dtype not in SUPPORTED_DTYPES:
+            raise InputError(
+                f"dtype = {dtype}: expected torch.float32 or torch.float64. Half precision (bfloat16, float16) is "
+                "not supported: its rounding error exceeds the curvature it would measure; build the Objective in "
+                "float32 or float64 (the model is copied and cast, the caller's module is untouched).")
+        check_number("weight_decay", weight_decay)
+        check_integer("batch_size", batch_size, 1)
         self.loss = resolve_loss(loss, classification)
         self.weight_decay = float(weight_decay)
         self.batch_size = int(batch_size)
@@ -129,6 +127,7 @@ class Objective:
             raise InputError("training data must carry targets: pass (X, y) or a Dataset of (x, y).")
         self.n = len(self.train)
         self._sample_shape = self.train.sample_shape()
+        self._output_shape: torch.Size | None = None  # of one sample's output, set by _check_forward
         self._check_forward()
 
     # ------------------------------------------------------------------ parameters
@@ -155,10 +154,6 @@ class Objective:
         """Σ_{i in batch} loss(f(x_i; θ), y_i), without the regulariser (a scalar)."""
         return self.loss.fn(self.forward(theta, x), y).sum()
 
-    def sample_loss(self, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """loss(f(x; θ), y) of a single sample (no batch dimension), without the regulariser."""
-        return self.loss.fn(self.forward(theta, x.unsqueeze(0)), y.unsqueeze(0)).squeeze(0)
-
     def regulariser(self, theta: Tensor) -> Tensor:
         """(wd/2)‖θ‖²."""
         return 0.5 * self.weight_decay * theta.pow(2).sum()
@@ -173,6 +168,17 @@ class Objective:
                 f"have shape {tuple(self._sample_shape)}. Reshape the test inputs to match."
             )
         return src
+
+    def check_test_data(self, data: DataLike | DataSource, y: Tensor | None = None, labels: Labels = "true") -> None:
+        """Check test points before any work: input shape, and for ``labels="true"`` that targets
+        exist and fit the loss and the model's output (all at once for tensors)."""
+        check_choice("labels", labels, ("true", "predicted"))
+        src = self.source(data, y)
+        if labels == "true":
+            if not src.has_targets:
+                raise InputError(f"{src.name} has no targets; pass y or use labels='predicted'.")
+            if src.targets is not None:
+                self._targets(src.targets.to(self.device), 0, src.name)
 
     def prepare(self, batch: Batch, labels: Labels = "true", what: str = "data") -> tuple[Tensor, Tensor]:
         """Move a batch to device/dtype, check it, and return ``(x, targets)``.
@@ -197,25 +203,45 @@ class Objective:
                 )
             with torch.no_grad():
                 return x, predicted_targets(self.forward(self.theta, x))
-        _check_choice(labels, ("true", "predicted"), "labels")
+        check_choice("labels", labels, ("true", "predicted"))
         if batch.y is None:
             raise InputError(f"{what} has no targets; pass y or use labels='predicted'.")
         return x, self._targets(batch.y.to(self.device), batch.start, what)
 
     def _targets(self, y: Tensor, start: int, what: str) -> Tensor:
+        """Targets checked against the loss and the model's output: integer classes in [0, C)
+        (or the loss's documented ignore index) for classification, finite values shaped like
+        one output for regression; a violation names the samples."""
         if self.loss.classification:
             if y.is_floating_point():
                 if not torch.equal(y, y.round()):
                     raise InputError(f"{what}: classification targets must be integer class indices; got fractional values.")
-                y = y.long()
-            return y.long()
+            y = y.long()
+            if self._output_shape is not None:
+                C = self._output_shape[0]
+                bad = (y < 0) | (y >= C)
+                if self.loss.ignore_index is not None:
+                    bad &= y != self.loss.ignore_index
+                if bad.any():
+                    rows = _sample_indices(bad, start)
+                    raise InputError(
+                        f"{what}: class labels of samples {rows} are {y[bad].flatten()[:10].tolist()}, outside "
+                        f"[0, {C}) for a model with {C} outputs. Fix the labels (the loss {self.loss.name!r} has no "
+                        "ignore index).")
+            return y
         y = y.to(self.dtype)
+        if self._output_shape is not None and y.shape[1:] != self._output_shape:
+            raise InputError(
+                f"{what}: regression targets have per-sample shape {tuple(y.shape[1:])} but the model outputs "
+                f"{tuple(self._output_shape)} per sample; reshape y to match (e.g. y.view(-1, 1)).")
         if not torch.isfinite(y).all():
-            raise InputError(f"{what}: targets near sample {start} contain NaN or Inf.")
+            rows = _sample_indices(~torch.isfinite(y), start)
+            raise InputError(f"{what}: targets of samples {rows} contain NaN or Inf; clean or drop them.")
         return y
 
     def _check_forward(self) -> None:
-        """Run the model and loss on two training samples to fail early with a clear message."""
+        """Run the model and loss on two training samples to fail early with a clear message,
+        and learn the shape of one output (which every later batch of targets is checked against)."""
         batch = next(self.train.batches(min(2, self.n)))
         x, y = self.prepare(batch, "true", "training data")
         with torch.no_grad():
@@ -223,6 +249,8 @@ class Objective:
                 out = self.forward(self.theta, x)
             except RuntimeError as err:
                 raise InputError(f"the model cannot be evaluated on the training inputs of shape {tuple(x.shape)}: {err}") from err
+            if not isinstance(out, Tensor):
+                raise InputError(f"the model returns a {type(out).__name__}; the loss needs a tensor of outputs.")
             if self.loss.classification:
                 if out.ndim != 2:
                     raise InputError(
@@ -236,6 +264,9 @@ class Objective:
                     f"{tuple(out.shape)}; reshape y to match (e.g. y.view(-1, 1))."
                 )
             check_per_sample(self.loss.fn(out, y), len(x), self.loss.name)
+        self._output_shape = out.shape[1:]
+        if self.train.targets is not None:  # tensor data: every label now; datasets: batch by batch as read
+            self._targets(self.train.targets.to(self.device), 0, "training data")
 
     def batches(self, source: DataSource, labels: Labels = "true", *, batch_size: int | None = None,
                 desc: str | None = None, shard: bool = True) -> Iterator[tuple[int, Tensor, Tensor]]:
@@ -261,7 +292,7 @@ class Objective:
                           theta: Tensor | None = None) -> Tensor:
         """ℓ(z_t, θ) for every sample, shape ``(T,)`` (regulariser included unless
         ``test_loss="loss"``); θ defaults to the trained θ̃. Predicted labels are taken at θ̃."""
-        _check_choice(test_loss, ("objective", "loss"), "test_loss")
+        check_choice("test_loss", test_loss, ("objective", "loss"))
         src = self.source(data, y)
         theta = self.theta if theta is None else theta
         reg = self.regulariser(theta) if test_loss == "objective" else 0.0
@@ -275,9 +306,25 @@ class Objective:
         """Samples per chunk of per-sample gradients: ≤ batch_size and ≤ 2²⁶ / M numbers."""
         return max(1, min(self.batch_size, _PER_SAMPLE_GRADIENT_BUDGET // self.num_params))
 
+    def sample_gradients(self, scalar: Callable[[Tensor, Tensor], Tensor], x: Tensor, extra: Tensor,
+                         indices: Tensor | None = None) -> Tensor:
+        """∇_θ scalar(f(x_i; θ̃), e_i) for every sample i of a batch, shape ``(B, M)`` — or
+        ``(B, len(indices))``, the gradient with respect to the parameters at the flat
+        ``indices`` only. ``scalar`` maps one sample's output ``(1, ...)`` and its ``e_i``
+        ``(1, ...)`` (a target, a direction in output space) to a number. One ``vmap(grad)``
+        over the batch: the way every per-sample gradient of the library is taken."""
+        base = self.theta
+
+        def one(params: Tensor, xi: Tensor, ei: Tensor) -> Tensor:
+            theta = params if indices is None else torch.index_put(base, (indices,), params)
+            return scalar(self.forward(theta, xi.unsqueeze(0)), ei.unsqueeze(0))
+
+        params = base if indices is None else base[indices]
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, x, extra)
+
     def batch_gradients(self, x: Tensor, y: Tensor, test_loss: TestLoss = "objective") -> Tensor:
         """Per-sample gradients g_i = ∇_θ ℓ(z_i, θ̃) of one batch, shape ``(B, M)``."""
-        g = vmap(grad(self.sample_loss), in_dims=(None, 0, 0))(self.theta, x, y)
+        g = self.sample_gradients(lambda out, t: self.loss.fn(out, t).squeeze(0), x, y)
         if test_loss == "objective" and self.weight_decay:
             g = g + self.weight_decay * self.theta
         return g
@@ -290,7 +337,7 @@ class Objective:
         Only one chunk of gradients exists at a time, so memory is O(chunk·M), never n·M.
         The training data is sharded across ranks unless ``shard=False`` (see :meth:`batches`).
         """
-        _check_choice(test_loss, ("objective", "loss"), "test_loss")
+        check_choice("test_loss", test_loss, ("objective", "loss"))
         src = self.source(data, y)
         for start, x, t in self.batches(src, labels, batch_size=self.per_sample_grad_chunk(), desc=desc,
                                         shard=shard):
@@ -346,6 +393,12 @@ class Objective:
         """Settings that determine the objective (for caches and reports)."""
         return {"M": self.num_params, "n": self.n, "loss": self.loss.name,
                 "weight_decay": self.weight_decay, "dtype": str(self.dtype), "device": str(self.device)}
+
+
+def _sample_indices(bad: Tensor, start: int, shown: int = 10) -> list[int]:
+    """Indices (offset by ``start``) of the samples with any True entry in ``bad`` (B, ...)."""
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten() + start
+    return rows[:shown].tolist()
 
 
 def _module_device(model: nn.Module) -> torch.device:

@@ -196,6 +196,7 @@ class Toolbox:
             settings = entry.make_settings(options)
         elif not isinstance(settings, entry.settings):
             raise InputError(f"settings of {method!r} must be a {entry.settings.__name__}; got {type(settings).__name__}.")
+        self.objective.check_test_data(X_test, y_test, settings.labels)
         self._ensure_fitted()
         result, info = entry.run(self, X_test, y_test, settings)
         self.last_info[method] = {**info, "settings": settings}

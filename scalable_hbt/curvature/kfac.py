@@ -95,7 +95,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
 from .. import distributed
 from ..errors import InputError
@@ -369,19 +369,11 @@ class KFACCurvature(CurvatureBackend):
 
     def _accumulate_diag(self, obj: Objective, x: Tensor, b: Tensor) -> None:
         """d += Σ_{n,c} (∂ b_{n,c}ᵀ f(x_n) / ∂θ_i)² for the fallback indices i."""
-        idx = self.diag_index
-        base = obj.theta.detach()
-
-        def scalar(sub: Tensor, xi: Tensor, bi: Tensor) -> Tensor:
-            theta = torch.index_put(base, (idx,), sub)
-            return (obj.forward(theta, xi.unsqueeze(0)).squeeze(0) * bi).sum()
-
-        per_sample = vmap(grad(scalar), in_dims=(None, 0, 0))
-        sub = base[idx]
         chunk = max(1, obj.per_sample_grad_chunk())
         for s in range(0, x.shape[0], chunk):
             for c in range(b.shape[0]):
-                g = per_sample(sub, x[s:s + chunk], b[c, s:s + chunk])
+                g = obj.sample_gradients(lambda out, bc: (out * bc).sum(), x[s:s + chunk], b[c, s:s + chunk],
+                                         indices=self.diag_index)
                 self.diag += g.to(_F64).square().sum(0)
 
     # ------------------------------------------------------------------ fit

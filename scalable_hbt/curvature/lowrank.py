@@ -20,7 +20,9 @@ from torch import Tensor
 
 from ..errors import IndefiniteDampingError, InputError
 from ..operators import CurvatureOperator
-from .lanczos import LanczosCurvature
+from ..validation import check_bool
+from .base import State
+from .lanczos import LanczosCurvature, smallest_eigenvalue
 
 
 def deflate(values: Tensor, vectors: Tensor, V: Tensor, damping: float, where: str) -> tuple[Tensor, Tensor]:
@@ -36,12 +38,37 @@ def deflate(values: Tensor, vectors: Tensor, V: Tensor, damping: float, where: s
 class LowRankCurvature(LanczosCurvature):
     """(C + δI)⁻¹ ≈ V_m diag(1/(λ_i + δ)) V_mᵀ + (I − V_m V_mᵀ)/δ from Lanczos's top-m eigenpairs.
 
-    Knows only the top of the spectrum, so an indefinite C + δI is caught only where it shows
-    there (λ_i + δ ≤ 0 for a computed λ_i); ``damping="auto"`` estimates λ_min separately.
+    The formula treats the spectrum outside span(V_m) as 0, so it cannot see negative curvature
+    there; with ``check_curvature`` (default) ``fit`` also estimates λ_min by a short Lanczos run
+    on −C and ``solve`` refuses a damping with λ̂_min + δ ≤ 0 (the Ritz value λ̂_min is an upper
+    bound of λ_min, so a refusal is never wrong; a λ_min it misses is not caught).
+    Other parameters as :class:`LanczosCurvature`.
     """
 
     name = "lowrank"
     roles = frozenset({"inverse", "eigen"})
+
+    def __init__(self, m: int = 20, tol: float = 1e-10, max_iter: int | None = None, seed: int = 0,
+                 method: str = "torch", basis_size: int | None = None, check_curvature: bool = True) -> None:
+        super().__init__(m=m, tol=tol, max_iter=max_iter, seed=seed, method=method, basis_size=basis_size)
+        check_bool("check_curvature", check_curvature, where=self.name)
+        self.check_curvature = check_curvature
+        self.lambda_min = float("nan")
+
+    def fit(self, operator: CurvatureOperator) -> LowRankCurvature:
+        super().fit(operator)
+        if self.check_curvature:
+            M = operator.shape[0]
+            self.lambda_min, _ = smallest_eigenvalue(operator, tol=1e-3, max_iter=min(M, 60), seed=self.seed + 2)
+            self.diagnostics["lambda_min_estimate"] = self.lambda_min
+        return self
+
+    def state_dict(self) -> State:
+        return {**super().state_dict(), "lambda_min": self.lambda_min}
+
+    def load_state_dict(self, state: State, operator: CurvatureOperator) -> None:
+        super().load_state_dict(state, operator)
+        self.lambda_min = float(state["lambda_min"])
 
     def memory_estimate(self, operator: CurvatureOperator, columns: int) -> dict[str, int]:
         M = operator.shape[0]
@@ -50,6 +77,8 @@ class LowRankCurvature(LanczosCurvature):
     def solve(self, V: Tensor, damping: float) -> Tensor:
         if damping <= 0:
             raise InputError("the low-rank inverse needs damping δ > 0 (it treats the unresolved spectrum as 0).")
+        if self.lambda_min + damping <= 0:
+            raise IndefiniteDampingError(self.lambda_min, damping, where=self.name, evidence="estimate")
         values, vectors = self.eigh(self.m if self.values is None else self.values.numel())
         on_span, rest = deflate(values, vectors, V, damping, where=self.name)
         return on_span + rest / damping
