@@ -1,6 +1,6 @@
 """The training objective: model + per-sample loss + training data + weight decay.
 
-Notation (DESIGN §1). θ ∈ R^M are all trainable parameters flattened in
+Notation (docs/design.md §1). θ ∈ R^M are all trainable parameters flattened in
 ``named_parameters()`` order. The per-sample objective and the training objective are
 
 .. math::

@@ -1,4 +1,4 @@
-"""The :class:`Toolbox` facade: one curvature computation, every method (DESIGN §3)."""
+"""The :class:`Toolbox` facade: one curvature computation, every method (docs/design.md §3)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ class Toolbox:
     exact Hessian). ``cache_dir`` is a folder of the on-disk curvature cache (``None``: none):
     a second fit with the same objective and fit settings loads instead of computing; a damaged
     entry is announced and recomputed. ``operator`` shares another Toolbox's operator (and so
-    its HVP accounting and graph cache) instead of building a new one.
-
-    A backend instance that is already fitted must have been fitted on this Toolbox's operator.
+    its HVP accounting and graph cache) instead of building a new one; without it, a backend
+    instance that is already fitted brings its operator along. Every fitted backend must have
+    been fitted on this Toolbox's operator — one for another objective is refused.
     """
 
     def __init__(self, objective: Objective, config: CurvatureConfig | None = None, *,
@@ -47,9 +47,12 @@ class Toolbox:
             raise InputError(f"Toolbox got unknown setting(s) {unknown}; known: {CurvatureConfig.field_names()}.")
         self.config = config if config is not None else CurvatureConfig(**settings)
         self.objective = objective
-        self.operator = operator if operator is not None else self._build_operator()
+        if operator is None:
+            operator = next((b.operator for b in (self.config.inverse, self.config.eigen)
+                             if isinstance(b, CurvatureBackend) and b.fitted), None)
         if operator is not None:
             self._check_shared(operator)
+        self.operator = operator if operator is not None else self._build_operator()
         cfg = self.config
         self.inverse = make_backend(cfg.inverse, "inverse", dict(cfg.inverse_options))
         same = isinstance(cfg.inverse, str) and cfg.inverse == cfg.eigen and cfg.inverse_options == cfg.eigen_options
@@ -70,7 +73,8 @@ class Toolbox:
 
     def _check_shared(self, operator: CurvatureOperator) -> None:
         if operator.objective is not self.objective:
-            raise InputError("the shared operator belongs to another Objective.")
+            raise InputError("the shared operator (or the operator a fitted backend was fitted on) belongs to "
+                             "another Objective; pass unfitted backends, or build the Toolbox on that Objective.")
         settings = operator.settings()
         if settings.get("curvature") != self.config.curvature or settings.get("hvp_mode", self.config.hvp_mode) != \
                 self.config.hvp_mode or operator.max_vectors != self.config.max_vectors:

@@ -392,7 +392,7 @@ def _compare_backends(main: TrainedModel, picks: tuple[torch.Tensor, torch.Tenso
         free.fit()
     row("fit", f"cg + lanczos (m = {LEES_M})", "fit/cg+lanczos", None, hvps=free.operator.num_hvps)
     hvps_before_lissa = free.operator.num_hvps
-    lissa = Toolbox(obj, damping=free.damping, eigen=free.eigen, cache_graphs=True, operator=free.operator,
+    lissa = Toolbox(obj, damping=free.damping, eigen=free.eigen, cache_graphs=True,
                     inverse=LiSSACurvature(deflate=10, target=1e-4, batch_size=len(main.X), seed=cfg.seed,
                                            progress=False, warn_residual=None, lanczos_tol=1e-12))
     with _timed(t, "fit/lissa", cfg.progress):

@@ -1,4 +1,4 @@
-"""The curvature cache (DESIGN §2, layer 5: the curvature is computed once and cached to disk,
+"""The curvature cache (docs/design.md §2, layer 5: the curvature is computed once and cached to disk,
 keyed by a fingerprint of model, data and settings): fingerprinting and storage."""
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..curvature import CurvatureBackend
 from ..data import DataSource
 from ..objective import Objective
+from ..version import __version__
 
 FORMAT_VERSION = 2
 _HASH_CHUNK_BYTES = 1 << 24
@@ -243,6 +244,4 @@ def fingerprint(objective: Objective, backend: CurvatureBackend, extra: dict | N
 
 def library_versions() -> dict:
     """Versions recorded beside a key: this library, torch and Python."""
-    from .. import __version__
-
     return {"scalable_hbt": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}

@@ -1,4 +1,4 @@
-"""Curvature backends (DESIGN §2, layer 3) and the registry that names them.
+"""Curvature backends (docs/design.md §2, layer 3) and the registry that names them.
 
 A new backend is one module with a :class:`CurvatureBackend` subclass and one line in
 :data:`BACKENDS`; its ``roles`` say whether it serves as ``inverse``, ``eigen`` or both.

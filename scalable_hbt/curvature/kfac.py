@@ -3,7 +3,7 @@ for convolutions) and its eigenvalue-corrected variant EK-FAC (George et al. 201
 
 What is approximated
 --------------------
-The target is the damped Hessian H + δI of DESIGN §1, H = ∇²L(θ̃), approximated by
+The target is the damped Hessian H + δI of docs/design.md §1, H = ∇²L(θ̃), approximated by
 
 .. math::
 

@@ -1,4 +1,4 @@
-"""Influence functions and curvature-aware similarity (DESIGN §1).
+"""Influence functions and curvature-aware similarity (docs/design.md §1).
 
 With g = ∇_θ ℓ(z, θ̃), C_δ = C + δI and n training points:
 

@@ -1,4 +1,4 @@
-"""Local-Ensembles extrapolation score (Madras et al. 2020; DESIGN §1).
+"""Local-Ensembles extrapolation score (Madras et al. 2020; docs/design.md §1).
 
 With V_m the m eigenvectors of the curvature C with the algebraically largest eigenvalues,
 

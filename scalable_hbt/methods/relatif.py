@@ -1,4 +1,4 @@
-"""RelatIF (Barshan et al. 2020; DESIGN §1): influence relative to how strongly a training
+"""RelatIF (Barshan et al. 2020; docs/design.md §1): influence relative to how strongly a training
 point can move the parameters at all,
 
 .. math::

@@ -1,4 +1,4 @@
-"""Resampling Uncertainty Estimation (Schulam & Saria 2019; DESIGN §1).
+"""Resampling Uncertainty Estimation (Schulam & Saria 2019; docs/design.md §1).
 
 Bootstrap weights w_b ~ Multinomial(n, 1/n), b = 1..B, move the parameters by one
 influence-function step,

@@ -1,4 +1,4 @@
-"""Curvature operators (DESIGN §2, layer 2): matrix-free C = (1/n) Σ_i C_i + wd·I and views of it."""
+"""Curvature operators (docs/design.md §2, layer 2): matrix-free C = (1/n) Σ_i C_i + wd·I and views of it."""
 
 from .base import CurvatureOperator
 from .hessian import HVP_MODES, HessianOperator, HVPMode
