@@ -19,7 +19,7 @@ from .curvature import CurvatureBackend, backend_names, check_backend_options, m
 from .data import DataLike
 from .errors import InputError
 from .validation import SettingError, check_bool, check_choice, check_integer, check_number
-from .losses import LOSSES
+from .task import PRESETS
 from .objective import Objective
 from .operators import HVP_MODES, HVPMode
 
@@ -112,7 +112,7 @@ class ObjectiveSettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_choice("loss", self.loss, sorted(LOSSES))
+        check_choice("loss", self.loss, sorted(PRESETS))
         check_number("weight_decay", self.weight_decay)
         check_integer("batch_size", self.batch_size, 1)
         check_choice("dtype", self.dtype, sorted(DTYPES))

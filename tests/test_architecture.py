@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "scalable_hbt"
 LAYERS: list[set[str]] = [
     {"errors", "version"},
     {"validation", "log", "files", "memory", "distributed", "metrics"},
-    {"data", "losses"},
+    {"task"},
+    {"data"},
     {"objective"},
     {"operators"},
     {"curvature"},

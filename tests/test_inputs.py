@@ -97,10 +97,14 @@ def test_bad_numbers_are_refused_with_the_setting_named(make, message):
         make(obj)
 
 
-def test_half_precision_is_refused_until_supported():
+def test_half_precision_accumulators_are_refused_naming_compute_dtype():
+    """Half precision belongs to the forward pass (compute_dtype), never to θ and the solves."""
     X, y = _data()
-    with pytest.raises(InputError, match="bfloat16.*Half precision .* not supported"):
+    with pytest.raises(InputError, match=r"dtype = torch.bfloat16: expected torch.float32 or torch.float64.*"
+                                         r"compute_dtype=torch.bfloat16"):
         Objective(tiny_mlp(), "cross_entropy", (X, y), dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="compute_dtype = torch.float64 is wider than dtype = torch.float32"):
+        Objective(tiny_mlp(), "cross_entropy", (X, y), dtype=torch.float32, compute_dtype=torch.float64)
 
 
 # ------------------------------------------------------------------ indefinite damping and diverging solvers

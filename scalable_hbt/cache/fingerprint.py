@@ -206,11 +206,15 @@ def backend_parts(backend: CurvatureBackend) -> dict:
 # ---------------------------------------------------------------------------------------------- the parts
 def objective_parts(objective: Objective) -> dict:
     """Everything about the objective that determines a curvature or a gradient."""
-    loss = objective.loss
+    task = objective.task
     return {
         "objective": canonical(objective.fingerprint_parts(), "objective"),
         "batch_size": objective.batch_size,
-        "loss": {"name": loss.name, "classification": loss.classification, "code": callable_digest(loss.fn)},
+        "loss": {"name": task.name, "targets": task.targets, "code": callable_digest(task.loss),
+                 "measurement": None if task.measurement is None else callable_digest(task.measurement),
+                 "output": task.output if task.output is None or isinstance(task.output, str)
+                 else callable_digest(task.output),
+                 "target_key": task.target_key, "ignore_index": task.ignore_index},
         "model": {
             "theta": tensor_summary(objective.theta),
             "param_names": list(objective.param_names),

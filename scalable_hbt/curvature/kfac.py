@@ -340,8 +340,8 @@ class KFACCurvature(CurvatureBackend):
                 for layer in self.layers:
                     layer.calls = []
                 self._recording = True
-                with torch.enable_grad():
-                    out = obj.model(x)
+                with torch.enable_grad():  # the layers' outputs need a graph for their output gradients
+                    out = obj.forward(obj.theta.detach().requires_grad_(True), x)
                 self._recording = False
                 b = output_hessian_sqrt(obj, out, y)
                 tensors = [s for layer in self.layers for _, s in layer.calls]
@@ -382,10 +382,6 @@ class KFACCurvature(CurvatureBackend):
         obj = operator.objective
         self._recording = False
         self.weight_decay = obj.weight_decay
-        named = dict(obj.model.named_parameters())
-        if not torch.equal(obj.flatten({k: named[k].detach() for k in obj.param_names}), obj.theta):
-            raise InputError("the Objective's model copy does not hold θ̃; rebuild the Objective.")
-        obj.model.eval()
         self._discover(obj)
         dev = obj.device
         for layer in self.layers:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib
+import io
 import json
 import os
 import shutil
@@ -354,7 +355,7 @@ def chunk_problem(folder: Path, method: str, chunk: int, rows: tuple[int, int], 
     if not data.exists():
         return "missing"
     if not record_path.exists():
-        return "has no record (written by a run killed before it finished the chunk)"
+        return "has no record"
     try:
         record = json.loads(record_path.read_text())
     except ValueError:
@@ -369,11 +370,15 @@ def chunk_problem(folder: Path, method: str, chunk: int, rows: tuple[int, int], 
 
 
 def save_chunk(folder: Path, method: str, chunk: int, rows: tuple[int, int], key: str, array: np.ndarray) -> None:
-    """Write a chunk's rows, then its record (both atomically): the record vouches for the file."""
-    data, record_path = _chunk_paths(folder, method, chunk)
-    atomic_write(data, lambda fh: np.save(fh, array))
+    """Write a chunk's record, then its rows (both atomically): a visible chunk file always has
+    the record that vouches for it, so a kill between the two only leaves a chunk to recompute."""
+    data_path, record_path = _chunk_paths(folder, method, chunk)
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    data = buffer.getvalue()
     write_json(record_path, {"rows": list(rows), "shape": list(array.shape), "dtype": str(array.dtype),
-                             "bytes": data.stat().st_size, "sha256": _sha256(data), "key": key})
+                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "key": key})
+    atomic_write(data_path, lambda fh: fh.write(data))
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -388,7 +393,7 @@ def _pending(job: PreparedJob) -> list[tuple[int, str]]:
                 problem = chunk_problem(job.spec.output_dir, method, c, job.rows(c), job.method_key(method))
                 if problem is None:
                     continue
-                if problem not in ("missing", "has no record (written by a run killed before it finished the chunk)"):
+                if problem != "missing":
                     warnings.warn(f"{method} chunk {c} {problem}; recomputing it.", RuntimeWarning, stacklevel=2)
                 todo.append((c, method))
     return distributed.broadcast_object(todo)
