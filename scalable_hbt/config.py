@@ -24,7 +24,7 @@ from .objective import Objective
 from .operators import HVP_MODES, HVPMode
 
 Damping = float | Literal["auto"]
-CURVATURES = ("hessian",)
+CURVATURES = ("hessian", "ggn")
 """The curvature operators a Toolbox can apply."""
 
 
@@ -42,13 +42,15 @@ class CurvatureConfig:
     eigen:
         Backend for the top eigenpairs (LEES); ``None`` for a Toolbox that never computes LEES.
     curvature:
-        The operator C: ``"hessian"`` (the exact Hessian).
+        The operator C: ``"hessian"`` (the exact Hessian) or ``"ggn"`` (the generalised
+        Gauss–Newton matrix, positive semi-definite for losses convex in the outputs).
     rue_damping:
         δ' for RUE (a number > 0); default δ + 1.
     inverse_options, eigen_options:
         Keyword arguments of the backends' constructors (names checked against them).
     hvp_mode, max_vectors, cache_graphs:
-        How the operator computes products (see :class:`~scalable_hbt.operators.HessianOperator`).
+        How the operator computes products (see :class:`~scalable_hbt.operators.HessianOperator`;
+        the GGN operator uses reverse mode only and ignores ``hvp_mode``).
     """
 
     damping: Damping = "auto"

@@ -159,7 +159,7 @@ class Objective:
         self.param_numels = [p.numel() for _, p in selected]
         self.params = None if params is None else list(params)
         self.theta = torch.cat([p.detach().reshape(-1).to(self.device, dtype) for _, p in selected])
-        self._own_tensors()
+        self._own_tensors([p for _, p in selected])
         self.per_sample_mode = "loop" if any(isinstance(m, _VMAP_UNSUPPORTED) for m in self.model.modules()) \
             else "vmap"
         if self.per_sample_mode == "loop":
@@ -176,6 +176,8 @@ class Objective:
         self._check_forward()
 
     def _select(self, patterns: list[str] | tuple[str, ...] | None) -> list[tuple[str, Tensor]]:
+        """(name, tensor) of the studied parameters; a tensor tied under several names (an LM head
+        sharing its embedding) is studied once, under the first name that selects it."""
         named = list(self.model.named_parameters())
         if patterns is None:
             selected = [(k, p) for k, p in named if p.requires_grad]
@@ -184,12 +186,15 @@ class Objective:
             return selected
         if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns) or not patterns:
             raise InputError(f"params must be a non-empty list of name patterns such as ['head.*']; got {patterns!r}.")
-        unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(k, pat) for k, _ in named)]
+        every = list(self.model.named_parameters(remove_duplicate=False))
+        unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(k, pat) for k, _ in every)]
         if unmatched:
             names = [k for k, _ in named]
             raise InputError(f"params pattern(s) {unmatched} match no parameter of the model; its parameters are "
                              f"named like {names[:6]}{' …' if len(names) > 6 else ''}.")
-        return [(k, p) for k, p in named if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)]
+        chosen = {id(p) for k, p in every if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
+        first = {id(p): k for k, p in reversed(every) if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
+        return [(first[id(p)], p) for _, p in named if id(p) in chosen]
 
     def _compute_tensor(self, t: Tensor) -> Tensor:
         """A frozen tensor as the forward pass needs it: itself when its device and dtype are
@@ -200,12 +205,12 @@ class Objective:
             return t
         return t.to(device=self.device, dtype=target_dtype)
 
-    def _own_tensors(self) -> None:
+    def _own_tensors(self, studied: list[Tensor]) -> None:
         """Give the module copy its own tensors where it needs them: the studied parameters become
         views of θ̃ (cast to the compute dtype if it differs), buffers are copied (so training the
         caller's model further cannot change them), frozen parameters stay shared unless they
         must be moved or cast. ``self.buffers`` is what ``functional_call`` takes besides θ."""
-        views = dict(zip(self.param_names, torch.split(self.theta, self.param_numels)))
+        views = {id(p): v for p, v in zip(studied, torch.split(self.theta, self.param_numels))}
         self.buffers = {}
         replaced: dict[int, nn.Parameter] = {}  # tied parameters stay tied: one replacement per tensor
         for prefix, module in self.model.named_modules(remove_duplicate=False):
@@ -215,8 +220,8 @@ class Objective:
                     continue
                 name = dot + leaf
                 if id(p) not in replaced:
-                    if name in views:
-                        value = views[name].view(p.shape)
+                    if id(p) in views:
+                        value = views[id(p)].view(p.shape)
                         value = value if self.compute_dtype == self.dtype else value.to(self.compute_dtype)
                         replaced[id(p)] = nn.Parameter(value, requires_grad=True)
                     else:

@@ -15,7 +15,7 @@ from .data import DataLike
 from .errors import DAMPING_MARGIN, IndefiniteDampingError, InputError
 from .methods import METHODS, bootstrap_shifts, bootstrap_weights, inverse_gradient_norms
 from .objective import Labels, Objective, TestLoss
-from .operators import CurvatureOperator, HessianOperator
+from .operators import CurvatureOperator, GGNOperator, HessianOperator
 
 AUTO_DAMPING_TOLERANCE = 1e-6
 """Relative Ritz tolerance of the Lanczos estimate of λ_min behind ``damping="auto"``."""
@@ -68,6 +68,8 @@ class Toolbox:
 
     def _build_operator(self) -> CurvatureOperator:
         cfg = self.config
+        if cfg.curvature == "ggn":
+            return GGNOperator(self.objective, max_vectors=cfg.max_vectors, cache_graphs=cfg.cache_graphs)
         return HessianOperator(self.objective, mode=cfg.hvp_mode, max_vectors=cfg.max_vectors,
                                cache_graphs=cfg.cache_graphs)
 

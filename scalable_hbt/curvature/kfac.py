@@ -98,6 +98,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .. import distributed
+from ..data import batch_size_of, map_tensors
 from ..errors import InputError
 from ..operators import CurvatureOperator
 from ..objective import Objective
@@ -123,6 +124,7 @@ class _Layer:
     b_range: tuple[int, int] | None
     out: int
     d_w: int                     # in·k
+    transposed: bool = False     # weight stored (in, out), as Hugging Face's Conv1D does
     A: Tensor | None = None      # Kronecker factors, held only while fitting
     G: Tensor | None = None
     QA: Tensor | None = None
@@ -143,7 +145,10 @@ class _Layer:
     def gather(self, rows: Tensor) -> Tensor:
         """Rows of flat vectors ``(k, M)`` → homogeneous matrices ``(k, out, d_in)``."""
         w0, w1 = self.w_range
-        W = rows[:, w0:w1].reshape(rows.shape[0], self.out, self.d_w)
+        if self.transposed:
+            W = rows[:, w0:w1].reshape(rows.shape[0], self.d_w, self.out).transpose(1, 2)
+        else:
+            W = rows[:, w0:w1].reshape(rows.shape[0], self.out, self.d_w)
         if self.b_range is None:
             return W
         b0, b1 = self.b_range
@@ -152,7 +157,8 @@ class _Layer:
     def scatter(self, rows: Tensor, mats: Tensor) -> None:
         """Write homogeneous matrices ``(k, out, d_in)`` back into flat rows ``(k, M)``."""
         w0, w1 = self.w_range
-        rows[:, w0:w1] = mats[:, :, :self.d_w].reshape(rows.shape[0], -1)
+        W = mats[:, :, :self.d_w]
+        rows[:, w0:w1] = (W.transpose(1, 2) if self.transposed else W).reshape(rows.shape[0], -1)
         if self.b_range is not None:
             b0, b1 = self.b_range
             rows[:, b0:b1] = mats[:, :, self.d_w]
@@ -161,10 +167,19 @@ class _Layer:
         """Flat parameter index of every entry of row-major vec(W̃), shape ``(out·d_in,)``."""
         idx = torch.empty(self.out, self.d_in, dtype=torch.long)
         w0, _ = self.w_range
-        idx[:, :self.d_w] = w0 + torch.arange(self.out * self.d_w).view(self.out, self.d_w)
+        if self.transposed:
+            idx[:, :self.d_w] = w0 + torch.arange(self.out * self.d_w).view(self.d_w, self.out).T
+        else:
+            idx[:, :self.d_w] = w0 + torch.arange(self.out * self.d_w).view(self.out, self.d_w)
         if self.b_range is not None:
             idx[:, self.d_w] = self.b_range[0] + torch.arange(self.out)
         return idx.reshape(-1)
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's attention and MLP projections): a linear layer
+    x ↦ x W + b with its weight stored as (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _pair(v, n: int) -> tuple[int, ...]:
@@ -278,7 +293,8 @@ class KFACCurvature(CurvatureBackend):
         covered: set[str] = set()
         self.layers = []
         for mname, mod in obj.model.named_modules():
-            if isinstance(mod, nn.Linear):
+            transposed = _is_transposed_linear(mod)
+            if isinstance(mod, nn.Linear) or transposed:
                 kind = "linear"
             elif isinstance(mod, nn.Conv1d):
                 kind = "conv1d"
@@ -300,18 +316,18 @@ class KFACCurvature(CurvatureBackend):
                     )
                 continue
             has_b = bname in offsets
-            out = mod.weight.shape[0]
-            d_w = mod.weight[0].numel()
+            out, d_w = (mod.weight.shape[1], mod.weight.shape[0]) if transposed else \
+                (mod.weight.shape[0], mod.weight[0].numel())
             self.layers.append(_Layer(label, mod, kind, offsets[wname], offsets[bname] if has_b else None,
-                                      out, d_w))
+                                      out, d_w, transposed=transposed))
             covered.update([wname] + ([bname] if has_b else []))
         self.diag_names = [k for k in obj.param_names if k not in covered]
         idx = [torch.arange(*offsets[k]) for k in self.diag_names]
         self.diag_index = torch.cat(idx).to(obj.device) if idx else torch.zeros(0, dtype=torch.long, device=obj.device)
         if self.diag_names:
             warnings.warn(
-                f"{self.name}: no Kronecker factors for parameters {self.diag_names} (only Linear, Conv1d "
-                "and Conv2d with groups=1 are factored); they use the exact GGN diagonal instead.",
+                f"{self.name}: no Kronecker factors for parameters {self.diag_names} (only Linear, Hugging Face "
+                "Conv1D, Conv1d and Conv2d with groups=1 are factored); they use the exact GGN diagonal instead.",
                 KFACFallbackWarning, stacklevel=3,
             )
 
@@ -370,9 +386,10 @@ class KFACCurvature(CurvatureBackend):
     def _accumulate_diag(self, obj: Objective, x: Tensor, b: Tensor) -> None:
         """d += Σ_{n,c} (∂ b_{n,c}ᵀ f(x_n) / ∂θ_i)² for the fallback indices i."""
         chunk = max(1, obj.per_sample_grad_chunk())
-        for s in range(0, x.shape[0], chunk):
+        for s in range(0, batch_size_of(x), chunk):
+            part = map_tensors(lambda t: t[s:s + chunk], x)
             for c in range(b.shape[0]):
-                g = obj.sample_gradients(lambda out, bc: (out * bc).sum(), x[s:s + chunk], b[c, s:s + chunk],
+                g = obj.sample_gradients(lambda out, bc: (out * bc).sum(), part, b[c, s:s + chunk],
                                          indices=self.diag_index)
                 self.diag += g.to(_F64).square().sum(0)
 
@@ -448,7 +465,7 @@ class KFACCurvature(CurvatureBackend):
     _LAYER_TENSORS = ("QA", "QG", "lamA", "lamG", "S")
 
     def _layout(self) -> list[dict[str, Any]]:
-        return [{"name": l.name, "kind": l.kind, "out": l.out, "d_in": l.d_in} for l in self.layers]
+        return [{"name": l.name, "kind": l.kind, "transposed": l.transposed, "out": l.out, "d_in": l.d_in} for l in self.layers]
 
     def state_dict(self) -> State:
         state: State = {"weight_decay": self.weight_decay, "diag_index": self.diag_index, "diag": self.diag,
