@@ -29,7 +29,7 @@ from scalable_hbt.physics import (
     MinMaxScaler,
     PaperCNN,
     paper_weight_decay,
-    test_set,
+    evaluation_set,
     train_model,
     training_set,
 )
@@ -87,8 +87,8 @@ def build_problem(name: str, n_per_phase: int, device: str, seed: int = 0) -> Ph
     """Generate the data, train ``MODELS[name]`` and fit the dense oracle (timed)."""
     make_model, description = MODELS[name]
     train = training_set(12, n_per_phase, progress=False)
-    test = test_set(12, progress=False)
-    test_ood = test_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=seed, progress=False)
+    test = evaluation_set(12, progress=False)
+    test_ood = evaluation_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=seed, progress=False)
     scaler = MinMaxScaler.fit(train.amplitudes)
     X, y = train.tensors(scaler, DTYPE)
     Xt, yt = test.tensors(scaler, DTYPE)

@@ -44,7 +44,7 @@ from scalable_hbt.physics import (
     PaperCNN,
     PhaseDataset,
     SizeInvariantCNN,
-    test_set,
+    evaluation_set,
     training_set,
 )
 
@@ -79,7 +79,7 @@ def gap_cnns() -> dict[int, tuple[PhaseDataset, PhaseDataset, TrainedModel, Tool
         else:
             cg = CGCurvature(rtol=1e-10, max_iter=2000)  # no LEES here: no eigen backend to fit
             tb = Toolbox(trained.objective(CFG), damping="auto", inverse=cg, eigen=None, cache_graphs=True)
-        out[L] = (train, test_set(L, progress=False), trained, tb.fit())
+        out[L] = (train, evaluation_set(L, progress=False), trained, tb.fit())
     return out
 
 
@@ -90,7 +90,7 @@ def gap_cnns() -> dict[int, tuple[PhaseDataset, PhaseDataset, TrainedModel, Tool
 def test_every_permuted_point_has_a_higher_lees_than_its_neighbours(paper_cnn):
     """Fig. 5: "the LEES perfectly highlights each of them, being significantly larger for all
     OOD test points than its neighbors" (m = 12, predicted labels, as the paper)."""
-    test_ood = test_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=SEED, progress=False)
+    test_ood = evaluation_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=SEED, progress=False)
     X, _ = paper_cnn.tensors(test_ood)
     # LEES needs only the top-m eigenvectors; δ enters no LEES formula
     tb = Toolbox(paper_cnn.objective(CFG), damping=1.0, inverse="cg", cache_graphs=True,

@@ -46,7 +46,7 @@ from ..physics import (
     TrainingRecipe,
     cdw_order_parameter,
     paper_weight_decay,
-    test_set,
+    evaluation_set,
     training_set,
 )
 from ..physics import figures
@@ -463,7 +463,7 @@ def _sign_experiment(cfg: DemoConfig, transition_v1: float) -> dict[str, Any]:
     for variant, test_sign in (("imbalanced", "positive"), ("balanced", "negative")):
         train = training_set(12, cfg.side_points_per_phase, sign=variant, seed=cfg.seed, progress=cfg.progress)
         trained = _train(PaperCNN, "sign", train, cfg)
-        tests = {sign: test_set(12, sign=sign, seed=cfg.seed, progress=cfg.progress)
+        tests = {sign: evaluation_set(12, sign=sign, seed=cfg.seed, progress=cfg.progress)
                  for sign in ("positive", "negative")}
         target = tests[test_sign]
         i = int(np.argmin(np.abs(target.v1 - transition_v1)))
@@ -501,7 +501,7 @@ def _size_experiment(cfg: DemoConfig) -> dict[str, Any]:
     per_phase = cfg.size_points_per_phase or cfg.side_points_per_phase
     for L in (12, 14):
         train = training_set(L, per_phase, progress=cfg.progress)
-        test = test_set(L, progress=cfg.progress)
+        test = evaluation_set(L, progress=cfg.progress)
         trained = _train(SizeInvariantCNN, "gap", train, cfg)
         X, _ = trained.tensors(test)
         tb = _matrix_free_toolbox(trained.objective(cfg), cfg, eigenpairs=False)
@@ -522,8 +522,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     with _timed(timings, "data", cfg.progress):
         train = training_set(12, cfg.points_per_phase, progress=cfg.progress)
-        test = test_set(12, progress=cfg.progress)
-        test_ood = test_set(12, ood_fraction=0.1, seed=cfg.seed, progress=cfg.progress)
+        test = evaluation_set(12, progress=cfg.progress)
+        test_ood = evaluation_set(12, ood_fraction=0.1, seed=cfg.seed, progress=cfg.progress)
     with _timed(timings, "training", cfg.progress):
         main = _train(PaperCNN, "paper", train, cfg)
 
