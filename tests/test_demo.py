@@ -20,16 +20,14 @@ from scalable_hbt.apps.demo import (  # noqa: E402
     QUICK_FIGURES,
     DemoConfig,
     above_neighbours,
-    agreement,
-    auroc,
     format_summary,
     parse_figures,
-    resolved_mask,
-    _size_experiment,
     run_demo,
+    size_experiment,
     stand_out,
     uncertain_region,
 )
+from scalable_hbt.metrics import agreement, auroc, resolved_mask  # noqa: E402
 from scalable_hbt.physics import figures  # noqa: E402
 
 
@@ -232,7 +230,7 @@ def test_run_demo_tiny(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["n_train"] == 40 and saved["num_params"] == 740
     backends = {(r["method"], r["backend"]) for r in saved["comparison"]}
-    assert {("influence", "cg"), ("influence", "lissa"), ("relatif", "cg + ekfac normaliser"),
+    assert {("influence", "cg"), ("influence", "lissa"), ("relatif", "cg + ekfac normalizer"),
             ("rue_bootstrap", "cg"), ("lees", "lanczos")} <= backends
     for r in saved["comparison"]:
         if r["backend"] in ("cg", "lanczos"):
@@ -248,7 +246,7 @@ def test_size_comparison_tiny():
     cfg = DemoConfig(progress=False, size_points_per_phase=3, epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = _size_experiment(cfg)
+        out = size_experiment(cfg)
     assert set(out) == {"12", "14"}
     for entry in out.values():
         rue = np.array(entry["rue"])
