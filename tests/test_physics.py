@@ -25,6 +25,7 @@ from scalable_hbt.physics import (
     ground_states,
     hamiltonian,
     paper_weight_decay,
+    TrainingRecipe,
     site_occupations,
     train_model,
 )
@@ -528,6 +529,30 @@ def test_sgd_mode_is_seeded(one_thread):
         assert torch.equal(a, b)
     assert other.objective != first.objective
     assert first.lbfgs_iterations == 0 and len(first.history) == 30 and not first.model.training
+
+
+def test_training_recipe_is_a_front_of_train_model(one_thread):
+    """A recipe's defaults are train_model's, and training with it is train_model with the
+    recipe's settings and its epochs for the data size."""
+    import inspect
+
+    defaults = inspect.signature(train_model).parameters
+    recipe = TrainingRecipe(optimizer="adam", lr=1e-2, steps=6)
+    for name in ("batch_size", "momentum", "schedule", "lbfgs_iterations"):
+        assert getattr(recipe, name) == defaults[name].default, name
+    assert recipe.epochs(30) == 6  # full batch: one step per epoch
+    X, y = _tiny_problem()
+    recipe = TrainingRecipe(optimizer="sgd", lr=0.05, steps=6, batch_size=8, schedule="step", lbfgs_iterations=3)
+    runs = []
+    for train in (lambda m: recipe.train(m, X, y, weight_decay=1e-3, seed=2, progress=False),
+                  lambda m: train_model(m, X, y, weight_decay=1e-3, seed=2, epochs=recipe.epochs(len(y)), lr=0.05,
+                                        batch_size=8, optimizer="sgd", schedule="step", lbfgs_iterations=3,
+                                        progress=False)):
+        torch.manual_seed(0)
+        runs.append(train(SizeInvariantCNN().double()))
+    assert recipe.epochs(len(y)) == 2 and runs[0].objective == runs[1].objective
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_train_model_rejects_bad_optimizer_settings():
