@@ -171,7 +171,8 @@ class AccuracySweep:
         for name, make in _inverse_backends(p).items():
             backend = make()
             eigen = backend if name == "lowrank" else tb.eigen       # the dense eigen is fitted: no work
-            approx = Toolbox(p.objective, damping=delta, inverse=backend, eigen=eigen)
+            # the oracle's operator is shared: its fitted dense eigen backend belongs to that operator
+            approx = Toolbox(p.objective, damping=delta, inverse=backend, eigen=eigen, operator=tb.operator)
             _, secs, hvps = self._timed(approx, approx.fit)
             fit_row = self._row("fit", name, secs, hvps)
             X, secs, hvps = self._timed(approx, lambda: backend.solve(G.T, delta))
@@ -202,7 +203,8 @@ class AccuracySweep:
         ``LanczosCurvature`` computation), its fit cost repeated in its own row."""
         lz, fit_row = fitted
         p = self.problem
-        approx = Toolbox(p.objective, damping=delta, inverse=dense, eigen=lz)  # both fitted: no work
+        # both backends are fitted on the oracle's operator: no work
+        approx = Toolbox(p.objective, damping=delta, inverse=dense, eigen=lz, operator=p.exact.operator)
         vals = lz.eigh(EIGEN_M)[0]
         ref_vals = dense.eigh(EIGEN_M)[0]
         eig_rel = max_elementwise_relative_error(ref_vals.cpu().numpy(), vals.cpu().numpy())
