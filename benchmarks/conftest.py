@@ -30,6 +30,7 @@ from physics_problems import PhysicsProblem, build_problem  # noqa: E402
 from settings import DEVICE, MODE, QUICK  # noqa: E402
 
 from scalable_hbt import Objective  # noqa: E402
+from scalable_hbt.physics import PaperCNN  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -38,34 +39,6 @@ PHYSICS_POINTS_PER_PHASE = 100 if QUICK else 500
 
 
 # ---------------------------------------------------------------------------- models
-class _PaperCNNLocal(nn.Module):
-    """The paper's 1D CNN (figure 7(a)), used only if ``scalable_hbt.physics`` is unavailable."""
-
-    def __init__(self, dropout: float = 0.5) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv1d(1, 5, kernel_size=15, padding=1), nn.MaxPool1d(4), nn.ReLU(),
-            nn.Conv1d(5, 8, kernel_size=5), nn.MaxPool1d(4), nn.ReLU(),
-            nn.Conv1d(8, 10, kernel_size=2, padding=1), nn.AvgPool1d(4), nn.ReLU(),
-        )
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(140, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.dropout(self.features(x).flatten(1)))
-
-
-def paper_cnn() -> nn.Module:
-    """Conv1d(1→5,k15,p1)·MaxPool4·ReLU·Conv1d(5→8,k5)·MaxPool4·ReLU·Conv1d(8→10,k2,p1)·AvgPool4·ReLU·
-    Flatten(140)·Dropout·Linear(140→2): 740 parameters on inputs (1, 924)."""
-    try:
-        from scalable_hbt.physics.models import PaperCNN
-
-        return PaperCNN()
-    except Exception:  # the physics subpackage is optional for the engine
-        return _PaperCNNLocal()
-
-
 def cnn2d() -> nn.Module:
     """A 2D CNN on 3×32×32 inputs with 994,394 parameters:
 
@@ -138,7 +111,7 @@ def paper_cnn_problem() -> Problem:
     """The paper's 740-parameter CNN, n = 1000 random inputs (1, 924) in one chunk (quick: n = 250)."""
     torch.manual_seed(0)
     n = 250 if QUICK else 1000
-    return _make("paper_cnn_740", paper_cnn(), (1, 924), 2, n, n, 740,
+    return _make("paper_cnn_740", PaperCNN(), (1, 924), 2, n, n, 740,
                  {"hvp": 7, "warmup_hvp": 1, "batched_8": 3, "batched_32": 2, "warmup_batched": 1,
                   "floor": 5, "influence": 3})
 

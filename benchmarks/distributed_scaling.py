@@ -10,7 +10,6 @@ over several rounds and their ratio (the speed-up), as measured inside one run.
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).parent))
-from conftest import paper_cnn  # noqa: E402
-
-from scalable_hbt import HessianOperator, Objective  # noqa: E402
+from scalable_hbt import HessianOperator, Objective
+from scalable_hbt.physics import PaperCNN
 
 N, ROUNDS = 1000, 7
 
@@ -31,7 +28,7 @@ def _problem() -> HessianOperator:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     X, y = torch.rand(N, 1, 924, generator=g), torch.randint(0, 2, (N,), generator=g)
-    obj = Objective(paper_cnn().eval(), "cross_entropy", (X, y), weight_decay=5e-5, batch_size=250, progress=False)
+    obj = Objective(PaperCNN().eval(), "cross_entropy", (X, y), weight_decay=5e-5, batch_size=250, progress=False)
     return HessianOperator(obj)
 
 

@@ -26,6 +26,8 @@ import torch
 from settings import synchronize
 from torch import Tensor, nn
 
+from scalable_hbt.metrics import relative_error
+
 PEERS = ("pyhessian", "curvlinops")
 REL_TOL = 1e-4  # float32 agreement demanded between any two exact HVP implementations
 
@@ -115,8 +117,7 @@ class Rows:
 
     def check(self, what: str, a: Tensor, b: Tensor, tol: float = REL_TOL) -> None:
         """Record the relative difference ‖a − b‖ / ‖b‖ (asserted later by :meth:`assert_checks`)."""
-        a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
-        rel = ((a64 - b64).norm() / b64.norm().clamp_min(1e-300)).item()
+        rel = relative_error(b.detach().double().cpu().numpy(), a.detach().double().cpu().numpy())
         self.checks.append({"model": self.model, "what": what, "rel_diff": rel, "tol": tol,
                             "ok": bool(rel < tol)})
 

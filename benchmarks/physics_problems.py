@@ -1,7 +1,9 @@
 """Trained models on the paper's Fermi-Hubbard data, with the dense oracle fitted once.
 
 Two problems share the data of ``hbt demo`` (L = 12 spinless Fermi-Hubbard ground states,
-924 Fock amplitudes each, min-max scaled; wd = 0.05 / n; float64; Adam then L-BFGS):
+924 Fock amplitudes each, min-max scaled; wd = 0.05 / n; float64) and its training routine
+(``scalable_hbt.apps.demo.train_classifier``: ``TIGHT_RECIPE``, Adam then L-BFGS, with a fixed
+number of Adam epochs):
 
 * ``paper_cnn``: the paper's 740-parameter 1D CNN (``scalable_hbt.physics.PaperCNN``);
 * ``mlp``: Flatten · Linear(924→4) · Tanh · Linear(4→2), 3,710 parameters.
@@ -20,21 +22,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from scalable_hbt import Objective, Toolbox
-from scalable_hbt.physics import (
-    PAPER_OOD_FRACTION,
-    MinMaxScaler,
-    PaperCNN,
-    paper_weight_decay,
-    test_set,
-    train_model,
-    training_set,
-)
+from scalable_hbt.apps.demo import train_classifier
+from scalable_hbt.physics import PAPER_OOD_FRACTION, TIGHT_RECIPE, PaperCNN, evaluation_set, training_set
 
-DTYPE = torch.float64
+ADAM_EPOCHS = 40
+"""Adam epochs of ``TIGHT_RECIPE`` before the L-BFGS polish, whatever the training set's size."""
+
 PICK_V1 = (0.1, 0.5, 1.0, 3.0, 30.0)
 """V1 of the influence / RelatIF test points (nearest reference test points)."""
 
@@ -87,21 +83,15 @@ def build_problem(name: str, n_per_phase: int, device: str, seed: int = 0) -> Ph
     """Generate the data, train ``MODELS[name]`` and fit the dense oracle (timed)."""
     make_model, description = MODELS[name]
     train = training_set(12, n_per_phase, progress=False)
-    test = test_set(12, progress=False)
-    test_ood = test_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=seed, progress=False)
-    scaler = MinMaxScaler.fit(train.amplitudes)
-    X, y = train.tensors(scaler, DTYPE)
-    Xt, yt = test.tensors(scaler, DTYPE)
-    Xo, _ = test_ood.tensors(scaler, DTYPE)
-    wd = paper_weight_decay(len(X))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = make_model().to(DTYPE).to(device)
+    test = evaluation_set(12, progress=False)
+    test_ood = evaluation_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=seed, progress=False)
     t0 = time.perf_counter()
-    result = train_model(model, X, y, weight_decay=wd, epochs=40, lr=1e-2, seed=seed, batch_size=50, progress=False)
+    trained = train_classifier(make_model, train, TIGHT_RECIPE, seed=seed, device=device, epochs=ADAM_EPOCHS,
+                               progress=False)
     train_seconds = time.perf_counter() - t0
-    obj = Objective(result.model, "cross_entropy", (X, y), weight_decay=wd, batch_size=250, device=device,
-                    dtype=DTYPE, progress=False)
+    obj = trained.build_objective(progress=False)
+    Xt, yt = trained.tensors(test)
+    Xo, _ = trained.tensors(test_ood)
     idx = [int(np.argmin(np.abs(test.v1 - v))) for v in PICK_V1]
     exact = Toolbox(obj, damping="auto", inverse="dense", eigen="dense")
     t0 = time.perf_counter()

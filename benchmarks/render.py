@@ -124,7 +124,7 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
     out.append("Every backend against the dense oracle, same model, same data, same damping δ (the oracle's "
                "δ = max(−λ_min, 0) + 0.01). Relative error = max over test points of ‖x − x_exact‖ / ‖x_exact‖. "
                "\\* Spearman over the *resolved* training points only (exact value off the float64 tie floor, "
-               "`scalable_hbt.apps.demo.resolved_mask`), worst test point. Top-5: overlap of the 5 most helpful / "
+               "`scalable_hbt.metrics.resolved_mask`), worst test point. Top-5: overlap of the 5 most helpful / "
                "harmful resolved training points with the exact ones, mean over the 5 test points. LEES AUROC: the score "
                "as a detector of the 5 permuted (OOD) test points. HVPs: full-data Hessian-vector products "
                "counted by the operator (a mini-batch product of b points counts b/n). LEES needs eigenpairs: "
@@ -138,13 +138,13 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
     out += _table(["model", "description", "M", "n", "wd", "δ", "dense fit (s)", "dense HVPs"],
                   [[k, p["description"], p["M"], p["n"], p["weight_decay"], p["damping"], p["dense_fit_seconds"],
                     p["dense_fit_hvps"]] for k, p in probs.items()])
-    out.append("### Bounds stated in earlier issues (asserted: the suite fails when one is not met)")
+    out.append("### Stated accuracy bounds (asserted: the suite fails when one is not met)")
     out.append("")
     out += _table(["model", "backend", "quantity", "measured", "bound", "result"],
                   [[b["model"], b["backend"], b["quantity"], b["value"], f"{b['op']} {b['bound']:g}",
                     "met" if b["ok"] else "**FAILED**"] for b in bounds])
     out.append("K-FAC / EK-FAC carry no accuracy bound (only finite values of the right shapes, asserted); "
-               "how the EK-FAC and K-FAC RelatIF normalisers rank the training points depends on the trained model (benchmarks/BACKENDS.md, findings 4 and 6).")
+               "how the EK-FAC and K-FAC RelatIF normalizers rank the training points depends on the trained model (benchmarks/BACKENDS.md, findings 4 and 6).")
     out.append("")
     out.append("### All rows")
     out.append("")

@@ -2,7 +2,7 @@
 
 ``HBT_BENCH_MODE``: ``quick`` (a ≤ 15-minute CPU run: fewer rounds, the reduced physics
 grid, scaling up to M ≈ 1e6) or ``full`` (the default: more rounds, the paper's 500
-points per phase, scaling up to M ≈ 1e7). ``HBT_BENCH_QUICK=1`` is the older spelling of
+points per phase, scaling up to M ≈ 1e7). ``HBT_BENCH_QUICK=1`` is another spelling of
 ``HBT_BENCH_MODE=quick``.
 
 ``HBT_BENCH_DEVICE``: the torch device every problem is built on (default ``cpu``).

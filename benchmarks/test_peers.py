@@ -1,4 +1,4 @@
-"""Peers side by side: same model, same data, same run (issue 6, item 2).
+"""Peers side by side: same model, same data, same run.
 
 On the trained physics problems (float64, ``physics_problems.py``), each question is
 answered by our implementation and by a peer library, timed interleaved in one process
@@ -39,8 +39,8 @@ from torch import nn
 
 from scalable_hbt import HessianOperator, Objective
 from scalable_hbt.curvature import EKFACCurvature, KFACCurvature, LanczosCurvature
-from scalable_hbt.apps.demo import agreement
 from scalable_hbt.methods import influence
+from scalable_hbt.metrics import agreement, max_elementwise_relative_error, relative_error
 from scalable_hbt.curvature.spectral import hutchinson_trace
 
 ROUNDS = 1 if QUICK else 3
@@ -106,9 +106,9 @@ def test_pyhessian_top_eigenvalues(benchmark, physics_problem):
         return LanczosCurvature(m=TOP_N).fit(HessianOperator(p.objective)).eigh(TOP_N)[0]
 
     it = Interleaved({"ours": ours, "peer": peer}).run(benchmark, ROUNDS)
-    err_ours = float(np.max(np.abs(it.outputs["ours"].double().cpu().numpy() - exact) / np.abs(exact)))
+    err_ours = max_elementwise_relative_error(exact, it.outputs["ours"].double().cpu().numpy())
     peer_vals = np.sort(np.asarray(it.outputs["peer"], dtype=float))[::-1] + wd
-    err_peer = float(np.max(np.abs(peer_vals - exact) / np.abs(exact)))
+    err_peer = max_elementwise_relative_error(exact, peer_vals)
     _publish(benchmark, p, _row(p, "pyhessian", f"top-{TOP_N} eigenvalues (max relative error)", it, err_ours,
                                 err_peer, "ours: Lanczos tol 1e-10; PyHessian: power iteration, maxIter 100, tol 1e-3"))
 
@@ -127,7 +127,7 @@ def test_pyhessian_trace(benchmark, physics_problem):
         return hutchinson_trace(HessianOperator(p.objective), n_samples=100, seed=0)[0]
 
     it = Interleaved({"ours": ours, "peer": peer}).run(benchmark, ROUNDS)
-    err = {k: abs(it.outputs[k] - exact) / abs(exact) for k in ("ours", "peer")}
+    err = {k: max_elementwise_relative_error(exact, it.outputs[k]) for k in ("ours", "peer")}
     _publish(benchmark, p, _row(p, "pyhessian", "trace, Hutchinson (relative error)", it, err["ours"], err["peer"],
                                 "ours: 100 Rademacher vectors in 16-vector blocks; PyHessian: ≤ 100 vectors, "
                                 "stops at relative change 1e-3 (stochastic: one seed each)"))
@@ -152,8 +152,10 @@ def test_curvlinops_hvp(benchmark, physics_problem):
     Q, lam = p.exact.eigen.eigenvectors, p.exact.eigen.eigenvalues
     ref = Q @ (lam * (Q.T @ v.double().cpu()))
     it = Interleaved({"ours": lambda: ours_op.matvec(v), "peer": lambda: peer_op @ v}).run(benchmark, 3 * ROUNDS)
-    err = {k: ((it.outputs[k].double().cpu() + (wd * v.double().cpu() if k == "peer" else 0) - ref).norm()
-               / ref.norm()).item() for k in ("ours", "peer")}
+    # the peer's product is the loss Hessian's: add wd·v for the objective's
+    products = {"ours": it.outputs["ours"].detach().double().cpu(),
+                "peer": it.outputs["peer"].detach().double().cpu() + wd * v.double().cpu()}
+    err = {k: relative_error(ref.numpy(), hv.numpy()) for k, hv in products.items()}
     _publish(benchmark, p, _row(p, "curvlinops", "full-data HVP (relative error vs dense H·v)", it, err["ours"],
                                 err["peer"], "same data chunks; error floor is float64 rounding"))
 
@@ -183,9 +185,10 @@ def test_curvlinops_kfac(benchmark, physics_problem):
     it = Interleaved({"ours": ours, "peer": peer}).run(benchmark, ROUNDS)
     Q, lam = p.exact.eigen.eigenvectors, p.exact.eigen.eigenvalues
     H = (Q * lam) @ Q.T
-    err = {"ours": ((it.outputs["ours"].cpu() - H).norm() / H.norm()).item(),
-           "peer": ((it.outputs["peer"].double().cpu() + wd * torch.eye(M, dtype=torch.float64) - H).norm()
-                    / H.norm()).item()}
+    # the peer has no weight decay: add wd·I to its K-FAC matrix
+    matrices = {"ours": it.outputs["ours"].detach().cpu(),
+                "peer": it.outputs["peer"].detach().double().cpu() + wd * torch.eye(M, dtype=torch.float64)}
+    err = {k: relative_error(H.numpy(), matrix.numpy()) for k, matrix in matrices.items()}
     _publish(benchmark, p, _row(p, "curvlinops", "K-FAC Ĥ (relative Frobenius distance to H)", it, err["ours"],
                                 err["peer"], "time: our fit + dense_matrix vs curvlinops' factors + product with I"))
 

@@ -1,4 +1,4 @@
-"""How cost grows: time and peak memory as M and n grow (issue 6, item 3).
+"""How cost grows: time and peak memory as M and n grow.
 
 Every point is one fresh process (``scaling_worker.py``), so that each peak-memory number
 belongs to one operation alone. The model family is an MLP whose hidden width sets M

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-import warnings
+import logging
+import subprocess
+import sys
 
 import matplotlib
 
@@ -20,16 +22,14 @@ from scalable_hbt.apps.demo import (  # noqa: E402
     QUICK_FIGURES,
     DemoConfig,
     above_neighbours,
-    agreement,
-    auroc,
     format_summary,
     parse_figures,
-    resolved_mask,
-    _size_experiment,
     run_demo,
+    size_experiment,
     stand_out,
     uncertain_region,
 )
+from scalable_hbt.metrics import agreement, auroc, resolved_mask  # noqa: E402
 from scalable_hbt.physics import figures  # noqa: E402
 
 
@@ -205,6 +205,25 @@ def test_cli_figures_option(capsys):
     assert "integer ≥ 2" in capsys.readouterr().err
 
 
+def test_cli_defaults_are_demo_config_defaults():
+    """The parser takes every default from DemoConfig: no options, the default configuration."""
+    from scalable_hbt.apps.cli import _demo_config
+
+    assert _demo_config(build_parser().parse_args(["demo"])) == DemoConfig()
+    cfg = _demo_config(build_parser().parse_args(["demo", "--no-progress", "--size-points", "7", "--out", "x"]))
+    assert cfg == DemoConfig(progress=False, size_points_per_phase=7, out="x")
+
+
+def test_cli_parser_does_not_load_the_demo():
+    """Every ``hbt`` call builds the demo's options from DemoConfig; that must not import the
+    demo's computing modules, matplotlib or the physics data stack."""
+    code = ("import sys; from scalable_hbt.apps.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('matplotlib', 'scalable_hbt.physics', "
+            "'scalable_hbt.apps.demo.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['scalable_hbt.apps.demo.config']"
+
+
 def test_config_defaults():
     assert DemoConfig(quick=True).selected_figures == QUICK_FIGURES
     assert DemoConfig().selected_figures == FIGURES
@@ -222,17 +241,23 @@ def test_config_defaults():
 
 
 # --------------------------------------------------------------------------- end to end
-def test_run_demo_tiny(tmp_path):
-    """A tiny run (20 training points per phase, ~20 s CPU): the table, report and PNGs are produced."""
+# The tiny end-to-end runs raise no warning: every warning (a solver that did not converge,
+# a deprecation, a numerical problem) fails them. A warning that becomes expected gets its
+# own "ignore:<message>:<Category>" filter after "error", with a comment saying why.
+@pytest.mark.filterwarnings("error")
+def test_run_demo_tiny(tmp_path, caplog):
+    """A tiny run (20 training points per phase): the table, report and PNGs are produced, and
+    the stage timings go to the ``scalable_hbt`` logger at INFO level."""
     cfg = DemoConfig(out=tmp_path, quick=True, progress=False, n_per_phase=20, epochs=5,
                      figures=("fig3", "fig5", "fig6"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = run_demo(cfg)
+    caplog.set_level(logging.INFO, logger="scalable_hbt")
+    report = run_demo(cfg)
+    timed = [r.getMessage() for r in caplog.records if r.name == "scalable_hbt" and r.levelno == logging.INFO]
+    assert any(m.startswith("training: ") and m.endswith(" s") for m in timed), timed
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["n_train"] == 40 and saved["num_params"] == 740
     backends = {(r["method"], r["backend"]) for r in saved["comparison"]}
-    assert {("influence", "cg"), ("influence", "lissa"), ("relatif", "cg + ekfac normaliser"),
+    assert {("influence", "cg"), ("influence", "lissa"), ("relatif", "cg + ekfac normalizer"),
             ("rue_bootstrap", "cg"), ("lees", "lanczos")} <= backends
     for r in saved["comparison"]:
         if r["backend"] in ("cg", "lanczos"):
@@ -242,13 +267,12 @@ def test_run_demo_tiny(tmp_path):
     assert "influence" in format_summary(report)
 
 
+@pytest.mark.filterwarnings("error")
 def test_size_comparison_tiny():
     """Fig. 6 (a)-(b) at 3 points per phase and one epoch: both sizes trained on the requested
     number of points, RUE finite and non-negative on each reference test set."""
     cfg = DemoConfig(progress=False, size_points_per_phase=3, epochs=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = _size_experiment(cfg)
+    out = size_experiment(cfg)
     assert set(out) == {"12", "14"}
     for entry in out.values():
         rue = np.array(entry["rue"])

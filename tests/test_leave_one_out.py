@@ -44,6 +44,10 @@ def _loss(Theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 def _newton(Theta: torch.Tensor, X: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     """argmin_Θ (1/n) Σ_i w_i [CE(Θ x̃_i, y_i) + (wd/2)‖Θ‖²] for Θ = [W | b] of shape (10, 65)."""
+    # Not scalable_hbt.physics.train_model, on purpose: removing one of n points moves the
+    # minimum by O(1/n), so every retrained model must sit at its exact minimum (Newton on this
+    # strictly convex problem converges quadratically) or the optimiser's own error swamps the
+    # effect influence predicts; and the reference must not share code with what it checks.
     Xa, n = _augment(X), len(X)
     w = torch.ones(n, dtype=X.dtype) if w is None else w
     scale = w.sum() / n

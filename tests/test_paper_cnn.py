@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 from scalable_hbt import DenseCurvature, HessianOperator, Objective, Toolbox
 from scalable_hbt.errors import SolverDivergenceError
 from scalable_hbt.curvature import CGCurvature, EKFACCurvature, KFACCurvature, LanczosCurvature, LiSSACurvature
-from scalable_hbt.physics import MinMaxScaler, PaperCNN, paper_weight_decay, test_set, train_model, training_set
+from scalable_hbt.physics import MinMaxScaler, PaperCNN, evaluation_set, paper_weight_decay, train_model, training_set
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -54,7 +54,7 @@ def cnn(tmp_path_factory) -> Setup:
     t0 = time.perf_counter()
     cache = tmp_path_factory.mktemp("hubbard_cache")
     train = training_set(12, N_PER_PHASE, cache_dir=cache, progress=False)
-    test = test_set(12, cache_dir=cache, progress=False)
+    test = evaluation_set(12, cache_dir=cache, progress=False)
     s.t["data"] = time.perf_counter() - t0
 
     scaler = MinMaxScaler.fit(train.amplitudes)

@@ -15,9 +15,9 @@ seed 0: Fig. 3's finding passes; Fig. 5's and Fig. 6's are strict xfails.
 * Fig. 3 (section III A, the size-invariant CNN on 12 sites): for a test point deep in
   CDW-I, RelatIF's five most helpful training points lie deeper in CDW-I than influence's.
 
-The size-invariant models use ``DemoConfig.side_points_per_phase`` (100) points per phase,
-as the demo's size comparison. The fixtures dominate the run time: about 10 minutes on one
-thread (the L = 12 dense fit and the L = 14 ARPACK + CG RUE of the GAP CNN take most of it).
+The size-invariant models use ``DemoConfig.side_points_per_phase`` points per phase, as the
+demo's size comparison. The fixtures dominate the run time (the L = 12 dense fit and the
+L = 14 ARPACK + CG RUE of the GAP CNN take most of it).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import pytest
 import torch
 
 from scalable_hbt import Toolbox
-from scalable_hbt.curvature import CGCurvature, LanczosCurvature
+from scalable_hbt.curvature import LanczosCurvature
 from scalable_hbt.apps.demo import (
     FIG3_TEST_V1,
     LEES_M,
     DemoConfig,
     TrainedModel,
     above_neighbours,
+    matrix_free_toolbox,
     train_classifier,
     uncertain_region,
 )
@@ -44,7 +45,7 @@ from scalable_hbt.physics import (
     PaperCNN,
     PhaseDataset,
     SizeInvariantCNN,
-    test_set,
+    evaluation_set,
     training_set,
 )
 
@@ -67,19 +68,19 @@ def gap_cnns() -> dict[int, tuple[PhaseDataset, PhaseDataset, TrainedModel, Tool
     """The size-invariant CNN trained on L = 12 and on L = 14 (Figs. 3 and 6): per L the
     training set, the reference test set, the trained model and its fitted Toolbox
     (``damping="auto"``). L = 12 gets the dense oracle (RelatIF needs H_δ⁻¹ g_r for every
-    training point); L = 14 gets CG, exact too (dense and CG RUE agree to ~1e-10) and
-    cheaper there than 1675 HVPs on 3432-long inputs; its λ_min for ``damping="auto"`` comes
-    from ARPACK."""
+    training point); L = 14 gets the demo's CG toolbox (exact too, at rtol 1e-10, and cheaper
+    there than 1675 HVPs on 3432-long inputs) without eigenpairs (no LEES here); its λ_min for
+    ``damping="auto"`` comes from ARPACK."""
     out = {}
     for L in (12, 14):
         train = training_set(L, GAP_POINTS_PER_PHASE, progress=False)
         trained = train_classifier(SizeInvariantCNN, train, GAP_CNN_RECIPE, seed=SEED, progress=False)
+        obj = trained.build_objective(CFG.progress)
         if L == 12:
-            tb = Toolbox(trained.objective(CFG), damping="auto", inverse="dense", eigen="dense")
+            tb = Toolbox(obj, damping="auto", inverse="dense", eigen="dense")
         else:
-            cg = CGCurvature(rtol=1e-10, max_iter=2000)  # no LEES here: no eigen backend to fit
-            tb = Toolbox(trained.objective(CFG), damping="auto", inverse=cg, eigen=None, cache_graphs=True)
-        out[L] = (train, test_set(L, progress=False), trained, tb.fit())
+            tb = matrix_free_toolbox(obj, CFG, eigenpairs=False)
+        out[L] = (train, evaluation_set(L, progress=False), trained, tb.fit())
     return out
 
 
@@ -90,10 +91,10 @@ def gap_cnns() -> dict[int, tuple[PhaseDataset, PhaseDataset, TrainedModel, Tool
 def test_every_permuted_point_has_a_higher_lees_than_its_neighbours(paper_cnn):
     """Fig. 5: "the LEES perfectly highlights each of them, being significantly larger for all
     OOD test points than its neighbors" (m = 12, predicted labels, as the paper)."""
-    test_ood = test_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=SEED, progress=False)
+    test_ood = evaluation_set(12, ood_fraction=PAPER_OOD_FRACTION, seed=SEED, progress=False)
     X, _ = paper_cnn.tensors(test_ood)
     # LEES needs only the top-m eigenvectors; δ enters no LEES formula
-    tb = Toolbox(paper_cnn.objective(CFG), damping=1.0, inverse="cg", cache_graphs=True,
+    tb = Toolbox(paper_cnn.build_objective(CFG.progress), damping=1.0, inverse="cg", cache_graphs=True,
                  eigen=LanczosCurvature(m=LEES_M, tol=1e-12, max_iter=300, seed=SEED))
     lees = tb.extrapolation_score(X, m=LEES_M).numpy()
     above = above_neighbours(lees, test_ood.ood)

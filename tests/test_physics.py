@@ -25,6 +25,7 @@ from scalable_hbt.physics import (
     ground_states,
     hamiltonian,
     paper_weight_decay,
+    TrainingRecipe,
     site_occupations,
     train_model,
 )
@@ -298,7 +299,7 @@ def test_grids_and_labels():
     quick = ds.training_grid(100)
     assert quick.shape == (200,)
     assert (quick[0], quick[99], quick[100], quick[-1]) == (0.0, 1.0, 1.01, 40.0)
-    test = ds.test_grid()
+    test = ds.evaluation_grid()
     np.testing.assert_array_equal(test[:20], np.linspace(0.01, 0.999, 20, endpoint=False))
     np.testing.assert_array_equal(test[20:], np.geomspace(1.02, 39, 30))
     np.testing.assert_array_equal(ds.phase_labels([0.0, 1.0, 1.0000001, 40.0]), [0, 0, 1, 1])
@@ -321,9 +322,9 @@ def test_training_set_contents_and_tensors():
     assert X.min().item() == 0.0 and X.max().item() == pytest.approx(1.0)
 
 
-def test_test_set_uses_training_min_max():
+def test_evaluation_set_uses_training_min_max():
     train = ds.training_set(8, 10, cache_dir=False, progress=False)
-    test = ds.test_set(8, 4, 6, cache_dir=False, progress=False)
+    test = ds.evaluation_set(8, 4, 6, cache_dir=False, progress=False)
     assert len(test) == 10
     scaler = MinMaxScaler.fit(train.amplitudes)
     X, _ = test.tensors(scaler, dtype=torch.float64)
@@ -354,7 +355,7 @@ def test_sign_variants_flip_the_right_points():
     assert balanced.sign_flipped.sum() == 10
     assert np.all((balanced.amplitudes.sum(axis=1) < 0) == balanced.sign_flipped)
 
-    negative = ds.test_set(8, 3, 3, sign="negative", cache_dir=False, progress=False)
+    negative = ds.evaluation_set(8, 3, 3, sign="negative", cache_dir=False, progress=False)
     assert negative.sign_flipped.all() and np.all(negative.amplitudes <= 1e-12)
 
     with pytest.raises(ValueError, match="n_flipped"):
@@ -366,8 +367,8 @@ def test_sign_variants_flip_the_right_points():
 
 
 def test_ood_points_are_permutations_of_their_state():
-    regular = ds.test_set(8, 5, 5, cache_dir=False, progress=False)
-    mixed = ds.test_set(8, 5, 5, ood_fraction=0.3, seed=2, cache_dir=False, progress=False)
+    regular = ds.evaluation_set(8, 5, 5, cache_dir=False, progress=False)
+    mixed = ds.evaluation_set(8, 5, 5, ood_fraction=0.3, seed=2, cache_dir=False, progress=False)
     assert mixed.ood.sum() == 3
     for i in range(len(regular)):
         if mixed.ood[i]:
@@ -382,8 +383,11 @@ def test_ood_points_are_permutations_of_their_state():
         ds.permute_components(regular, 1.5)
 
 
-def test_test_set_functions_are_not_collected_by_pytest():
-    assert ds.test_set.__test__ is False and ds.test_grid.__test__ is False
+def test_no_physics_function_is_collected_by_pytest():
+    """A test module imports the data set functions by name: none may look like a test."""
+    import scalable_hbt.physics as physics
+
+    assert [name for name in (*physics.__all__, *ds.__all__) if name.lower().startswith("test")] == []
 
 
 # -------------------------------------------------------------------------- models
@@ -525,6 +529,30 @@ def test_sgd_mode_is_seeded(one_thread):
         assert torch.equal(a, b)
     assert other.objective != first.objective
     assert first.lbfgs_iterations == 0 and len(first.history) == 30 and not first.model.training
+
+
+def test_training_recipe_is_a_front_of_train_model(one_thread):
+    """A recipe's defaults are train_model's, and training with it is train_model with the
+    recipe's settings and its epochs for the data size."""
+    import inspect
+
+    defaults = inspect.signature(train_model).parameters
+    recipe = TrainingRecipe(optimizer="adam", lr=1e-2, steps=6)
+    for name in ("batch_size", "momentum", "schedule", "lbfgs_iterations"):
+        assert getattr(recipe, name) == defaults[name].default, name
+    assert recipe.epochs(30) == 6  # full batch: one step per epoch
+    X, y = _tiny_problem()
+    recipe = TrainingRecipe(optimizer="sgd", lr=0.05, steps=6, batch_size=8, schedule="step", lbfgs_iterations=3)
+    runs = []
+    for train in (lambda m: recipe.train(m, X, y, weight_decay=1e-3, seed=2, progress=False),
+                  lambda m: train_model(m, X, y, weight_decay=1e-3, seed=2, epochs=recipe.epochs(len(y)), lr=0.05,
+                                        batch_size=8, optimizer="sgd", schedule="step", lbfgs_iterations=3,
+                                        progress=False)):
+        torch.manual_seed(0)
+        runs.append(train(SizeInvariantCNN().double()))
+    assert recipe.epochs(len(y)) == 2 and runs[0].objective == runs[1].objective
+    for a, b in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_train_model_rejects_bad_optimizer_settings():

@@ -8,32 +8,81 @@ import shlex
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import Field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 
-
-def _at_least_two(text: str) -> int:
-    """An integer ≥ 2 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 2, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"expected an integer ≥ 2, got {value}")
-    return value
+if TYPE_CHECKING:
+    from .demo import DemoConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, format_summary, run_demo
+    """``hbt demo``: progress bars and stage timings (the ``scalable_hbt`` logger at INFO) unless
+    ``--no-progress``; warnings always."""
+    import logging
 
-    cfg = DemoConfig(out=Path(args.out), quick=args.quick, device=args.device, seed=args.seed,
-                     progress=not args.no_progress, figures=args.figures, size_comparison=args.size_comparison,
-                     size_points_per_phase=args.size_points, regime=args.regime)
+    from ..log import logger
+    from .demo import format_summary, run_demo
+    from .demo.report import REPORT_FILE
+
+    cfg = _demo_config(args)
+    logging.basicConfig(level=logging.WARNING, format="[hbt demo] %(message)s")
+    logger.setLevel(logging.INFO if cfg.progress else logging.WARNING)
     report = run_demo(cfg)
     print(format_summary(report))
-    print(f"report written to {cfg.out / 'report.json'}")
+    print(f"report written to {cfg.out / REPORT_FILE}")
     return 0
+
+
+def _demo_fields() -> Iterator[tuple[Field, dict[str, Any]]]:
+    """The ``DemoConfig`` fields on the command line, with their command-line metadata."""
+    from .demo import DemoConfig
+
+    for item in fields(DemoConfig):
+        if "cli" in item.metadata:
+            yield item, item.metadata["cli"]
+
+
+def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ValueError becomes the usage error's message."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per ``DemoConfig`` field with command-line metadata: the default and the help
+    text come from ``DemoConfig``. A field that is False by default is a ``--name`` switch, one
+    that is True by default a ``--no-name`` switch."""
+    for item, cli in _demo_fields():
+        name = item.name.replace("_", "-")
+        settings = dict(cli["settings"], dest=cli["dest"] or item.name, help=cli["help"])
+        if isinstance(item.default, bool):
+            flag = cli["flag"] or (f"--no-{name}" if item.default else f"--{name}")
+            settings["action"] = "store_false" if item.default else "store_true"
+        else:
+            flag = cli["flag"] or f"--{name}"
+            settings["default"] = item.default
+            if cli["parse"] is not None:
+                settings["type"] = _argparse_type(cli["parse"])
+            if item.default is not None:
+                settings["help"] += " (default: %(default)s)"
+        parser.add_argument(flag, **settings)
+
+
+def _demo_config(args: argparse.Namespace) -> DemoConfig:
+    """The ``DemoConfig`` of parsed ``hbt demo`` arguments."""
+    from .demo import DemoConfig
+
+    return DemoConfig(**{item.name: getattr(args, cli["dest"] or item.name) for item, cli in _demo_fields()})
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,38 +143,12 @@ def _bench(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, cwd=root, env=env)
 
 
-def _figures(text: str) -> tuple[str, ...]:
-    """argparse type for ``--figures``."""
-    from .demo import parse_figures
-
-    try:
-        return parse_figures(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hbt", description="Hessian-based toolbox: influence, RelatIF, RUE, LEES.")
     parser.add_argument("--version", action="version", version=f"scalable_hbt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the toolbox on the built-in Fermi-Hubbard example")
-    demo.add_argument("--quick", action="store_true", help="smaller training grid (100 points per phase)")
-    demo.add_argument("--out", default="hbt_demo_output", help="output folder (default: %(default)s)")
-    demo.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for training and the RUE bootstrap")
-    demo.add_argument("--figures", type=_figures, default=None, metavar="LIST",
-                      help="figures to draw: comma-separated fig3,fig4,fig5,fig6, or 'all' or 'none' "
-                           "(default: all; --quick: fig3,fig5,fig6)")
-    demo.add_argument("--size-comparison", action="store_true",
-                      help="Fig. 6: also train the size-invariant CNN on 12 and 14 sites (4-10 extra minutes)")
-    demo.add_argument("--size-points", type=_at_least_two, default=None, metavar="N",
-                      help="training points per phase of the size comparison (default 100; the paper's 500 "
-                           "take about 40 minutes on 2 cores)")
-    demo.add_argument("--regime", choices=("stopped", "tight"), default="stopped",
-                      help="training regime: 'stopped' (the paper's: SGD with momentum and a decreasing learning "
-                           "rate for a fixed budget, no polish) or 'tight' (Adam + L-BFGS to a tight minimum) "
-                           "(default: %(default)s)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
     run = sub.add_parser("run", help="run a batch job described by a TOML file (resumable; "
                                      "under torchrun the training data is sharded across the processes)")

@@ -8,7 +8,8 @@
   average pooling, and a seeded training routine in two regimes (Adam + L-BFGS to a tight
   minimum, or SGD with momentum and a decreasing learning rate stopped after a fixed budget).
 
-This subpackage imports nothing from the rest of `scalable_hbt`.
+An application of the library: of the rest of `scalable_hbt` it uses only
+`scalable_hbt.metrics` (for the figures' top-k points), and the library never imports it.
 """
 
 from .datasets import (
@@ -17,11 +18,11 @@ from .datasets import (
     V1_TRANSITION,
     MinMaxScaler,
     PhaseDataset,
+    evaluation_grid,
+    evaluation_set,
     flip_signs,
     permute_components,
     phase_labels,
-    test_grid,
-    test_set,
     training_grid,
     training_set,
 )
@@ -64,11 +65,11 @@ __all__ = [
     "V1_TRANSITION",
     "MinMaxScaler",
     "PhaseDataset",
+    "evaluation_grid",
+    "evaluation_set",
     "flip_signs",
     "permute_components",
     "phase_labels",
-    "test_grid",
-    "test_set",
     "training_grid",
     "training_set",
     "Optimizer",

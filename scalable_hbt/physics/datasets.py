@@ -33,13 +33,13 @@ __all__ = [
     "PAPER_OOD_FRACTION",
     "phase_labels",
     "training_grid",
-    "test_grid",
+    "evaluation_grid",
     "MinMaxScaler",
     "PhaseDataset",
     "flip_signs",
     "permute_components",
     "training_set",
-    "test_set",
+    "evaluation_set",
 ]
 
 V1_TRANSITION = 1.0
@@ -77,7 +77,7 @@ def training_grid(n_per_phase: int = 500) -> np.ndarray:
     return np.concatenate([np.linspace(0.0, 1.0, n), np.linspace(1.01, 40.0, n)])
 
 
-def test_grid(n_ll: int = 20, n_cdw: int = 30) -> np.ndarray:
+def evaluation_grid(n_ll: int = 20, n_cdw: int = 30) -> np.ndarray:
     """The paper's test V1 values, shape (n_ll + n_cdw,), ascending.
 
     `concatenate([linspace(0.01, 0.999, n_ll, endpoint=False), geomspace(1.02, 39, n_cdw)])`.
@@ -270,7 +270,7 @@ def training_set(
     return data
 
 
-def test_set(
+def evaluation_set(
     L: int,
     n_ll: int = 20,
     n_cdw: int = 30,
@@ -282,7 +282,9 @@ def test_set(
     cache_dir: CacheDir = None,
     progress: bool = True,
 ) -> PhaseDataset:
-    """The paper's reference test set on `test_grid(n_ll, n_cdw)` (50 points by default).
+    """The paper's reference test set on `evaluation_grid(n_ll, n_cdw)` (50 points by default).
+
+    (Named `evaluation_*`, not `test_*`, so that pytest never takes it for a test.)
 
     Args:
         L: even number of sites.
@@ -301,7 +303,7 @@ def test_set(
         raise ValueError(
             f"sign must be 'positive', 'negative' or 'balanced' for a test set, got {sign!r}."
         )
-    data = _build(L, test_grid(n_ll, n_cdw), h, cache_dir, progress)
+    data = _build(L, evaluation_grid(n_ll, n_cdw), h, cache_dir, progress)
     sign_seed, ood_seed = _streams(seed)
     if sign == "negative":
         data = flip_signs(data, len(data), seed=sign_seed)
@@ -310,8 +312,3 @@ def test_set(
     if ood_fraction != 0:
         data = permute_components(data, ood_fraction, seed=ood_seed)
     return data
-
-
-# Keep pytest from collecting these as tests when a test module imports them by name.
-test_grid.__test__ = False  # type: ignore[attr-defined]
-test_set.__test__ = False  # type: ignore[attr-defined]

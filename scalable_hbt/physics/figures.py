@@ -23,6 +23,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from ..metrics import top_k
+
 __all__ = [
     "LL_COLOR",
     "CDW_COLOR",
@@ -46,13 +48,6 @@ TEST_COLOR = "tab:orange"
 TRANSITION = 1.0
 _LL_BACKGROUND = "#e8f0fb"
 _CDW_BACKGROUND = "#f3eafa"
-
-
-def top_k(values: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the ``k`` largest (most helpful) and ``k`` smallest (most harmful) values."""
-    order = np.argsort(np.asarray(values), kind="stable")
-    k = min(k, len(order))
-    return order[::-1][:k], order[:k]
 
 
 def _phase_axis(ax: Axes, v1: np.ndarray) -> None:

@@ -15,8 +15,9 @@ loss with the regulariser inside every term, averaged over the n training points
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import inspect
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -373,64 +374,72 @@ def train_model(
                           lbfgs_iterations=lbfgs_used, history=history)
 
 
+_TRAIN_MODEL_PARAMETERS = inspect.signature(train_model).parameters
+
+
+def _train_model_default(name: str) -> Any:
+    """The default of `train_model`'s argument `name`: a recipe takes its defaults from there."""
+    return _TRAIN_MODEL_PARAMETERS[name].default
+
+
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """A `train_model` configuration with a budget counted in optimiser steps.
+    """A named `train_model` configuration whose first-phase budget is counted in mini-batch
+    steps; `train` is a thin front of `train_model`, and every default is `train_model`'s.
 
     The number of epochs for n training points is ceil(steps * batch_size / n), so a recipe
     takes about the same number of mini-batch steps on the quick (200-point) and the full
     (1000-point) training sets.
 
     Attributes:
-        optimizer, lr, momentum, schedule, batch_size, lbfgs_iterations: as in `train_model`.
+        optimizer, lr, batch_size, momentum, schedule, lbfgs_iterations: as in `train_model`.
         steps: mini-batch steps of the first phase.
     """
 
     optimizer: Optimizer
     lr: float
     steps: int
-    batch_size: int = 50
-    momentum: float = 0.9
-    schedule: Schedule = "constant"
-    lbfgs_iterations: int = 0
+    batch_size: int | None = _train_model_default("batch_size")
+    momentum: float = _train_model_default("momentum")
+    schedule: Schedule = _train_model_default("schedule")
+    lbfgs_iterations: int = _train_model_default("lbfgs_iterations")
 
     def epochs(self, n: int) -> int:
         """First-phase epochs for n training points: ceil(steps * batch_size / n)."""
         if n < 1:
             raise ValueError(f"n must be a positive number of training points, got {n!r}.")
-        return -(-self.steps * min(self.batch_size, n) // n)
+        batch = n if self.batch_size is None else min(self.batch_size, n)
+        return -(-self.steps * batch // n)
 
     def train(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, weight_decay: float,
-              seed: int, epochs: int | None = None, progress: bool = True) -> TrainingResult:
+              seed: int, epochs: int | None = None,
+              progress: bool = _train_model_default("progress")) -> TrainingResult:
         """`train_model` with this recipe; `epochs` overrides `self.epochs(len(X))`."""
-        return train_model(model, X, y, weight_decay=weight_decay, seed=seed,
-                           epochs=self.epochs(len(X)) if epochs is None else epochs, lr=self.lr,
-                           batch_size=self.batch_size, optimizer=self.optimizer,
-                           momentum=self.momentum, schedule=self.schedule,
-                           lbfgs_iterations=self.lbfgs_iterations, progress=progress)
+        settings = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "steps"}
+        return train_model(model, X, y, weight_decay=weight_decay, seed=seed, progress=progress,
+                           epochs=self.epochs(len(X)) if epochs is None else epochs, **settings)
 
 
 PAPER_CNN_RECIPE = TrainingRecipe(optimizer="sgd", lr=1e-2, momentum=0.9, schedule="step",
-                                  steps=2000, batch_size=50)
+                                  steps=2000, batch_size=50, lbfgs_iterations=0)
 """`PaperCNN` in the paper's regime: SGD with momentum 0.9, lr 1e-2 divided by 10 at half and
 again at three quarters of 2000 mini-batch steps of 50 (100 epochs of 1000 points), dropout
 on, no L-BFGS polish. On the paper's 1000 L = 12 training points it ends, like the published
-model, unsaturated, with test accuracy 0.88-0.94 (the misclassified test points are the
-first CDW-I ones, V1 = 1.02-1.9), lambda_max ~ 20-70 and an indefinite Hessian. With half
-the steps some seeds stay on the initial ln 2 plateau."""
+model, unsaturated, misclassifying the first CDW-I test points, with an indefinite Hessian;
+with half the steps some seeds stay on the initial ln 2 plateau (examples/README.md, training
+regimes, has the numbers)."""
 
 GAP_CNN_RECIPE = TrainingRecipe(optimizer="adam", lr=3e-3, schedule="step", steps=400,
-                                batch_size=50)
+                                batch_size=50, lbfgs_iterations=0)
 """`SizeInvariantCNN` in the same stopped regime, the same recipe for L = 12 and L = 14 (the
 paper trains "two copies"): Adam at 3e-3 with the step schedule for 400 steps of 50 (100
 epochs of 200 points), dropout on, no polish. The global average pool makes the initial
-gradients so small that SGD (lr 1e-2 to 1e-1) stays on the ln 2 plateau; Adam at 1e-2
-collapses to a constant output; Adam at 1e-3 trains at L = 12 but leaves L = 14 on the
-plateau (objective 0.67). At 3e-3 both train (seeds 0, 1: test accuracy 0.92-0.94,
-objective ~0.03, lambda_max 55-130)."""
+gradients so small that SGD stays on the ln 2 plateau; Adam at 1e-2 collapses to a constant
+output; Adam at 1e-3 trains at L = 12 but leaves L = 14 on the plateau; 3e-3 trains both
+(examples/README.md, training regimes)."""
 
-TIGHT_RECIPE = TrainingRecipe(optimizer="adam", lr=1e-2, steps=1200, batch_size=50,
-                              lbfgs_iterations=500)
-"""The tight-minimum regime: Adam at 1e-2, then full-batch L-BFGS to max |grad| <= 1e-9. Most
-training points end saturated (loss ~ e^-20) and every test point is classified correctly,
-but the paper's findings on LEES, RelatIF and RUE do not show (examples/README.md)."""
+TIGHT_RECIPE = TrainingRecipe(optimizer="adam", lr=1e-2, steps=1200, batch_size=50)
+"""The tight-minimum regime: Adam at 1e-2, then `train_model`'s full-batch L-BFGS polish to
+max |grad| <= its `grad_tol`. Most training points end saturated (loss ~ e^-20) and every test
+point is classified correctly, but the paper's findings on LEES, RelatIF and RUE do not show
+(examples/README.md)."""
