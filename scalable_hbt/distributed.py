@@ -52,6 +52,16 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
+def all_gather_cat(tensor: Tensor, dim: int = 0) -> Tensor:
+    """The ranks' tensors (equal shapes) concatenated along ``dim``, in rank order, on every rank
+    (``tensor`` itself without a process group)."""
+    if not active():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
 def split_indices(indices: Tensor) -> Tensor:
     """This rank's share of a mini-batch's sample indices (every W-th, starting at the rank)."""
     return indices[rank()::world_size()] if active() else indices
@@ -115,5 +125,5 @@ def process_group_from_environment(device: str | torch.device = "cpu") -> Iterat
         dist.destroy_process_group()
 
 
-__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "split_indices", "is_writer", "barrier",
+__all__ = ["active", "rank", "world_size", "shard", "all_reduce_sum", "all_gather_cat", "split_indices", "is_writer", "barrier",
            "broadcast_object", "launched_by_torchrun", "local_device", "process_group_from_environment"]

@@ -503,6 +503,18 @@ class Objective:
                                         shard=shard):
             yield start, self.batch_gradients(x, t, test_loss, measure=measure)
 
+    def training_chunks(self, visit: Callable[[int, Tensor], None], *, desc: str | None = None,
+                        collective: bool = False) -> None:
+        """Call ``visit(start, G)`` for every chunk of per-sample training gradients G (c, M), the
+        samples [start, start + c): the one pass over the training data that methods use. Only
+        one chunk of gradients exists at a time. Under ``torch.distributed`` each rank visits its
+        shard (the caller combines the ranks' results), unless ``collective`` (for a ``visit``
+        that itself runs collective operations, such as full-data products): then every rank
+        walks all n points in the same order."""
+        sharded = not (collective and distributed.active())
+        for start, G in self.iter_gradients(self.train, desc=desc, shard=sharded):
+            visit(start, G)
+
     def training_rows(self, fn: Callable[[Tensor], Tensor], columns: int, *, desc: str | None = None,
                       collective: bool = False) -> Tensor:
         """R (n, columns) with R[r] the row of training point r in ``fn(G)``, for every chunk of
@@ -514,11 +526,13 @@ class Objective:
         (full-data Hessian products): every rank then walks all n points in the same order, and
         those products do the sharding.
         """
-        sharded = not (collective and distributed.active())
         rows = torch.zeros(self.n, columns, device=self.device, dtype=self.dtype)
-        for start, G in self.iter_gradients(self.train, desc=desc, shard=sharded):
+
+        def fill(start: int, G: Tensor) -> None:
             rows[start:start + G.shape[0]] = fn(G)
-        return distributed.all_reduce_sum(rows) if sharded else rows
+
+        self.training_chunks(fill, desc=desc, collective=collective)
+        return rows if collective and distributed.active() else distributed.all_reduce_sum(rows)
 
     def gradients(self, data: DataLike | DataSource, y: Tensor | None = None, *,
                   labels: Labels = "true", test_loss: TestLoss = "objective") -> Tensor:

@@ -150,9 +150,10 @@ class Toolbox:
         return out
 
     # ------------------------------------------------------------------ what methods reuse
-    def normalizer(self, name: str | CurvatureBackend | None) -> CurvatureBackend:
-        """The fitted backend of RelatIF's normalizer: the inverse backend for ``None`` or its
-        name, another backend by name (built and fitted once), or an instance (fitted here)."""
+    def inverse_backend(self, name: str | CurvatureBackend | None) -> CurvatureBackend:
+        """A fitted inverse backend for a method that names one (RelatIF's normalizer,
+        self-influence): the Toolbox's own for ``None`` or its name, another backend by name
+        (built and fitted once), or an instance (fitted here)."""
         self._ensure_fitted()
         if name is None or name == self.inverse.name or name is self.inverse:
             return self.inverse
@@ -167,7 +168,7 @@ class Toolbox:
     def training_inverse_norms(self, normalizer: str | CurvatureBackend | None = None) -> Tensor:
         """‖C_δ⁻¹ g_r‖ for every training point, shape ``(n,)``: computed once per normalizer
         and damping, and reused by every RelatIF call."""
-        backend = self.normalizer(normalizer)
+        backend = self.inverse_backend(normalizer)
         key = (id(backend), self.damping)
         if key not in self._inverse_norms:
             self._inverse_norms[key] = inverse_gradient_norms(self.objective, backend, self.damping)
@@ -187,8 +188,8 @@ class Toolbox:
         return self._shifts[1]
 
     # ------------------------------------------------------------------ methods
-    def compute(self, method: str, X_test: DataLike, y_test: Tensor | None = None, /, settings: Any = None,
-                **options: Any) -> Tensor:
+    def compute(self, method: str, X_test: DataLike | None = None, y_test: Tensor | None = None, /,
+                settings: Any = None, **options: Any) -> Any:
         """Run the registered ``method`` (see :data:`scalable_hbt.methods.METHODS`) on the test
         points with ``settings`` (its settings dataclass) or ``options`` (that dataclass's
         fields); what it reports besides the result (e.g. LEES's m) is in
@@ -202,7 +203,12 @@ class Toolbox:
             settings = entry.make_settings(options)
         elif not isinstance(settings, entry.settings):
             raise InputError(f"settings of {method!r} must be a {entry.settings.__name__}; got {type(settings).__name__}.")
-        self.objective.check_test_data(X_test, y_test, settings.labels)
+        if entry.domain == "test":
+            if X_test is None:
+                raise InputError(f"{method} needs test points: compute({method!r}, X_test, y_test).")
+            self.objective.check_test_data(X_test, y_test, settings.labels)
+        elif X_test is not None or y_test is not None:
+            raise InputError(f"{method} is computed over the training data; it takes no test points.")
         self._ensure_fitted()
         result, info = entry.run(self, X_test, y_test, settings)
         self.last_info[method] = {**info, "settings": settings}
@@ -244,6 +250,20 @@ class Toolbox:
         """
         return self.compute("lees", X_test, y_test, labels=labels, m=m, threshold=threshold, test_loss=test_loss,
                             m_max=m_max)
+
+    def self_influence(self, backend: str | CurvatureBackend | None = None) -> Tensor:
+        """I(z_i, z_i) = (1/n) g_iᵀ C_δ⁻¹ g_i for every training point, shape ``(n,)``; ``backend``
+        names the inverse backend (default: the Toolbox's; "ekfac" makes it one cheap pass)."""
+        return self.compute("self_influence", backend=backend)
+
+    def top_k(self, X_test: DataLike, y_test: Tensor | None = None, *, k: int = 10, score: str = "influence",
+              normalizer: str | CurvatureBackend | None = None, labels: Labels = "true",
+              test_loss: TestLoss = "objective") -> dict[str, Tensor]:
+        """The k most helpful and most harmful training points of every test point, streamed (the
+        T × n matrix is never held): ``helpful_index``/``helpful_score`` and
+        ``harmful_index``/``harmful_score``, each ``(T, k)``, by influence or RelatIF."""
+        return self.compute("top_k", X_test, y_test, k=k, score=score, normalizer=normalizer, labels=labels,
+                            test_loss=test_loss)
 
     @property
     def last_m(self) -> int:

@@ -124,6 +124,11 @@ class CurvatureBackend(ABC):
         """‖(C + δI)⁻¹ g_r‖₂ for each row g_r of ``G (c, M)``; shape ``(c,)``."""
         return self.solve(G.T, damping).norm(dim=0)
 
+    def inverse_quadratic(self, G: Tensor, damping: float) -> Tensor:
+        """g_rᵀ (C + δI)⁻¹ g_r for each row g_r of ``G (c, M)``; shape ``(c,)`` (self-influence
+        is this over n). Backends with a spectrum in hand override it without a solve."""
+        return (G.T * self.solve(G.T, damping)).sum(dim=0)
+
     def min_eigenvalue(self) -> float | None:
         """The most negative eigenvalue of C when the backend knows it exactly, else ``None``."""
         return None

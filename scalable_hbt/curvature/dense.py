@@ -125,6 +125,13 @@ class DenseCurvature(CurvatureBackend):
         out = Q @ ((Q.T @ V64) / (evals + damping).unsqueeze(1))
         return out.to(V.dtype)
 
+    def inverse_quadratic(self, G: Tensor, damping: float) -> Tensor:
+        """Σ_j (q_jᵀ g)² / (λ_j + δ) for each row g of ``G``."""
+        evals, Q = self._spectrum()
+        self.check_damping(damping)
+        coeff = G.to(torch.float64) @ Q
+        return (coeff.square() / (evals + damping)).sum(dim=1).to(G.dtype)
+
     def eigh(self, m: int) -> tuple[Tensor, Tensor]:
         self._check_m(m)
         evals, Q = self._spectrum()

@@ -546,6 +546,19 @@ class KFACCurvature(CurvatureBackend):
             sq += (rows[:, self.diag_index] / (self.diag + offset)).square().sum(1)
         return sq.sqrt().to(G.dtype)
 
+    def inverse_quadratic(self, G: Tensor, damping: float) -> Tensor:
+        """gᵀ(Ĥ + δI)⁻¹g for rows of ``G (c, M)`` in the eigenbasis: Σ (Q_Gᵀ G̃ Q_A)² ⊘ (S + δ'), plus
+        the diagonal part; ``(c,)``. One pass of products, no solve."""
+        offset = self._eigenvalue_offset(damping)
+        rows = self._rows(G, "inverse_quadratic", transpose=False)
+        total = torch.zeros(rows.shape[0], dtype=_F64, device=rows.device)
+        for layer in self.layers:
+            Wr = layer.QG.T @ layer.gather(rows) @ layer.QA
+            total += (Wr.square() / (layer.S + offset)).sum(dim=(1, 2))
+        if self.diag_index.numel():
+            total += (rows[:, self.diag_index].square() / (self.diag + offset)).sum(1)
+        return total.to(G.dtype)
+
     def dense_matrix(self) -> Tensor:
         """The approximation Ĥ (M × M, float64, undamped, including wd·I), for tests and small models."""
         M = self.operator.shape[0]

@@ -38,7 +38,7 @@ class FittedCurvature(Protocol):
     @property
     def rue_damping(self) -> float: ...
 
-    def normalizer(self, name: str | CurvatureBackend | None) -> CurvatureBackend: ...
+    def inverse_backend(self, name: str | CurvatureBackend | None) -> CurvatureBackend: ...
 
     def training_inverse_norms(self, normalizer: str | CurvatureBackend | None) -> Tensor: ...
 
@@ -84,6 +84,9 @@ class Method:
         ``prepare(fitted, settings)``: compute once what every chunk of test points reuses.
     test_local:
         ``test_local(settings)``: once prepared, a chunk needs only its test points.
+    domain:
+        "test" (a result per test point; ``run`` gets the test points) or "train" (one result
+        over the training data, such as self-influence; ``run`` gets no test points).
     """
 
     name: str
@@ -93,6 +96,7 @@ class Method:
     needs: frozenset[str]
     prepare: Callable[[FittedCurvature, Any], None] = lambda fitted, settings: None
     test_local: Callable[[Any], bool] = lambda settings: False
+    domain: str = "test"
 
     def make_settings(self, options: dict[str, Any] | None = None, where: str | None = None) -> Any:
         """The settings dataclass from ``options``; an unknown key is named with the known ones

@@ -61,7 +61,7 @@ class RelatIFSettings(TestSettings):
 def _run(fitted: FittedCurvature, X: DataLike, y: Tensor | None, s: RelatIFSettings) -> MethodResult:
     norms = fitted.training_inverse_norms(s.normalizer)
     return relatif(fitted.objective, fitted.inverse, fitted.damping, X, y, norms=norms, labels=s.labels,
-                   test_loss=s.test_loss), {"normalizer": fitted.normalizer(s.normalizer).name}
+                   test_loss=s.test_loss), {"normalizer": fitted.inverse_backend(s.normalizer).name}
 
 
 def _prepare(fitted: FittedCurvature, s: RelatIFSettings) -> None:

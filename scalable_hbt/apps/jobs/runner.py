@@ -162,9 +162,17 @@ class PreparedJob:
     def chunks(self) -> int:
         return -(-self.n_test // self.spec.chunk_size)
 
-    def rows(self, chunk: int) -> tuple[int, int]:
-        lo = chunk * self.spec.chunk_size
-        return lo, min(lo + self.spec.chunk_size, self.n_test)
+    def chunk_rows(self, method: str) -> list[tuple[int, int]]:
+        """The rows of every chunk of ``method`` (see :func:`chunk_rows`)."""
+        return chunk_rows(METHODS[method].domain, self.n_test, self.toolbox.objective.n, self.spec.chunk_size)
+
+
+def chunk_rows(domain: str, n_test: int, n_train: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Rows [lo, hi) of each chunk: test points in chunks of ``chunk_size`` for a method over
+    test points; one chunk of all n training points for a method over the training data."""
+    if domain == "train":
+        return [(0, n_train)]
+    return [(lo, min(lo + chunk_size, n_test)) for lo in range(0, n_test, chunk_size)]
 
 
 def method_key(identity: dict[str, Any], method: str) -> str:
@@ -306,7 +314,7 @@ def claim_folder(job: PreparedJob, *, overwrite: bool) -> None:
                 if item.name not in (LOCK_FILE, "cache"):
                     shutil.rmtree(item) if item.is_dir() else item.unlink()
         record = {"job_file": str(spec.path), "identity": job.identity, "n_test": job.n_test,
-                  "chunk_size": spec.chunk_size}
+                  "n_train": job.toolbox.objective.n, "chunk_size": spec.chunk_size}
         if manifest.exists():
             try:
                 previous = json.loads(manifest.read_text())
@@ -336,9 +344,8 @@ def claim_folder(job: PreparedJob, *, overwrite: bool) -> None:
         raise JobError(problem)
 
 
-def _chunk_paths(folder: Path, method: str, chunk: int) -> tuple[Path, Path]:
-    base = folder / method / f"chunk-{chunk:06d}"
-    return base.with_suffix(".npy"), base.with_suffix(".json")
+def _record_path(folder: Path, method: str, chunk: int) -> Path:
+    return folder / method / f"chunk-{chunk:06d}.json"
 
 
 def _sha256(path: Path) -> str:
@@ -351,15 +358,16 @@ def _sha256(path: Path) -> str:
 
 def chunk_problem(folder: Path, method: str, chunk: int, rows: tuple[int, int], key: str) -> str | None:
     """Why chunk ``chunk`` of ``method`` is not a valid result of the job ``key`` (``None``: it is)."""
-    data, record_path = _chunk_paths(folder, method, chunk)
-    if not data.exists():
-        return "missing"
+    record_path = _record_path(folder, method, chunk)
     if not record_path.exists():
-        return "has no record"
+        return "missing"
     try:
         record = json.loads(record_path.read_text())
-    except ValueError:
+        data = record_path.with_name(record["file"])
+    except (ValueError, KeyError, TypeError):
         return "has an unreadable record"
+    if not data.exists():
+        return "missing"
     if record.get("key") != key:
         return "belongs to another job"
     if record.get("rows") != list(rows):
@@ -369,16 +377,33 @@ def chunk_problem(folder: Path, method: str, chunk: int, rows: tuple[int, int], 
     return None
 
 
-def save_chunk(folder: Path, method: str, chunk: int, rows: tuple[int, int], key: str, array: np.ndarray) -> None:
+def save_chunk(folder: Path, method: str, chunk: int, rows: tuple[int, int], key: str,
+               result: np.ndarray | dict[str, np.ndarray]) -> None:
     """Write a chunk's record, then its rows (both atomically): a visible chunk file always has
-    the record that vouches for it, so a kill between the two only leaves a chunk to recompute."""
-    data_path, record_path = _chunk_paths(folder, method, chunk)
+    the record that vouches for it, so a kill between the two only leaves a chunk to recompute.
+    One array is a ``.npy`` file; named arrays (a top-k query) one ``.npz``."""
+    record_path = _record_path(folder, method, chunk)
     buffer = io.BytesIO()
-    np.save(buffer, array)
+    if isinstance(result, dict):
+        np.savez(buffer, **result)
+        shapes = {k: list(v.shape) for k, v in result.items()}
+    else:
+        np.save(buffer, result)
+        shapes = list(result.shape)
     data = buffer.getvalue()
-    write_json(record_path, {"rows": list(rows), "shape": list(array.shape), "dtype": str(array.dtype),
-                             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "key": key})
-    atomic_write(data_path, lambda fh: fh.write(data))
+    name = record_path.with_suffix(".npz" if isinstance(result, dict) else ".npy").name
+    write_json(record_path, {"rows": list(rows), "file": name, "shape": shapes, "bytes": len(data),
+                             "sha256": hashlib.sha256(data).hexdigest(), "key": key})
+    atomic_write(record_path.with_name(name), lambda fh: fh.write(data))
+
+
+def load_chunk(folder: Path, method: str, chunk: int) -> np.ndarray | dict[str, np.ndarray]:
+    record_path = _record_path(folder, method, chunk)
+    path = record_path.with_name(json.loads(record_path.read_text())["file"])
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+    return np.load(path)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -388,9 +413,12 @@ def _pending(job: PreparedJob) -> list[tuple[int, str]]:
     todo = None
     if distributed.is_writer():
         todo = []
-        for c in range(job.chunks):
+        ranges = {method: job.chunk_rows(method) for method in job.spec.methods}
+        for c in range(max(len(r) for r in ranges.values())):
             for method in job.spec.methods:
-                problem = chunk_problem(job.spec.output_dir, method, c, job.rows(c), job.method_key(method))
+                if c >= len(ranges[method]):
+                    continue
+                problem = chunk_problem(job.spec.output_dir, method, c, ranges[method][c], job.method_key(method))
                 if problem is None:
                     continue
                 if problem != "missing":
@@ -399,8 +427,12 @@ def _pending(job: PreparedJob) -> list[tuple[int, str]]:
     return distributed.broadcast_object(todo)
 
 
-def _compute(tb: Toolbox, method: str, settings: Any, X: torch.Tensor, y: torch.Tensor | None) -> np.ndarray:
-    return tb.compute(method, X, y, settings=settings).detach().cpu().numpy()
+def _compute(tb: Toolbox, method: str, settings: Any, X: torch.Tensor | None,
+             y: torch.Tensor | None) -> np.ndarray | dict[str, np.ndarray]:
+    result = tb.compute(method, X, y, settings=settings)
+    if isinstance(result, dict):
+        return {k: v.detach().cpu().numpy() for k, v in result.items()}
+    return result.detach().cpu().numpy()
 
 
 def run_job(spec: JobSpec, *, dry_run: bool = False, overwrite: bool = False, wait: bool = False,
@@ -443,7 +475,7 @@ def _run_locked(job: PreparedJob, info: dict[str, Any], times: dict[str, float],
     tb.fit()
     times["fit"] = time.perf_counter() - t0
     todo = _pending(job)
-    skipped = job.chunks * len(spec.methods) - len(todo)
+    skipped = sum(len(job.chunk_rows(m)) for m in spec.methods) - len(todo)
     wanted = {method for _, method in todo}
     for method in spec.methods:  # what every chunk reuses (RUE's shifts, RelatIF's normalizer), once, on all ranks
         times[method] = 0.0
@@ -457,12 +489,15 @@ def _run_locked(job: PreparedJob, info: dict[str, Any], times: dict[str, float],
     for c, method in progress_bar(todo, total=len(todo), desc="test chunks", enabled=show):
         if method in local and c % world != rank:
             continue  # another rank's chunk
-        lo, hi = job.rows(c)
+        lo, hi = job.chunk_rows(method)[c]
         t1 = time.perf_counter()
-        array = _compute(tb, method, spec.methods[method], job.X_test[lo:hi],
-                         job.y_test[lo:hi] if job.y_test is not None else None)
+        if METHODS[method].domain == "train":
+            result = _compute(tb, method, spec.methods[method], None, None)
+        else:
+            result = _compute(tb, method, spec.methods[method], job.X_test[lo:hi],
+                              job.y_test[lo:hi] if job.y_test is not None else None)
         if method in local or distributed.is_writer():
-            save_chunk(spec.output_dir, method, c, (lo, hi), job.method_key(method), array)
+            save_chunk(spec.output_dir, method, c, (lo, hi), job.method_key(method), result)
         times[method] += time.perf_counter() - t1
     distributed.barrier()
     summary = {"job_file": str(spec.path), "plan": info, "seconds": times, "chunks_computed": len(todo),
@@ -491,8 +526,9 @@ def _ranges(indices: list[int]) -> str:
 
 
 def read_results(output_dir: str | Path, method: str, *, allow_partial: bool = False):
-    """A method's rows for every test point, in order (``(T, n)`` or ``(T,)``), each chunk checked
-    against its record and the job key.
+    """A method's rows for every test point, in order (``(T, n)`` or ``(T,)``; for a method over the
+    training data, its ``(n,)`` values; for a top-k query, a dict of ``(T, k)`` arrays), each
+    chunk checked against its record and the job key.
 
     An incomplete result is refused, naming the missing test points; with ``allow_partial=True``
     the valid rows are returned with their test-point indices, ``(rows, indices)``."""
@@ -500,24 +536,30 @@ def read_results(output_dir: str | Path, method: str, *, allow_partial: bool = F
     try:
         record = json.loads((folder / JOB_FILE).read_text())
         identity, n_test, chunk_size = record["identity"], int(record["n_test"]), int(record["chunk_size"])
+        n_train = int(record["n_train"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise JobError(f"{str(folder)!r} is not the output folder of a job ({JOB_FILE} missing or unreadable: "
                        f"{err}).") from None
     if method not in identity.get("methods", {}):
         raise JobError(f"the job in {str(folder)!r} did not run {method!r}; it ran {sorted(identity.get('methods', {}))}.")
     key = method_key(identity, method)
+    domain = METHODS[method].domain if method in METHODS else "test"
+    total = n_train if domain == "train" else n_test
     parts, indices, missing = [], [], []
-    for c in range(-(-n_test // chunk_size)):
-        lo, hi = c * chunk_size, min((c + 1) * chunk_size, n_test)
+    for c, (lo, hi) in enumerate(chunk_rows(domain, n_test, n_train, chunk_size)):
         problem = chunk_problem(folder, method, c, (lo, hi), key)
         if problem is None:
-            parts.append(np.load(_chunk_paths(folder, method, c)[0]))
+            parts.append(load_chunk(folder, method, c))
             indices.extend(range(lo, hi))
         else:
             missing.extend(range(lo, hi))
+    what = "training points" if domain == "train" else "test points"
     if missing and not allow_partial:
-        raise JobError(f"{method} results in {str(folder)!r} are incomplete: test points {_ranges(missing)} of "
-                       f"{n_test} are missing or invalid. Run the job again to complete them, or pass "
+        raise JobError(f"{method} results in {str(folder)!r} are incomplete: {what} {_ranges(missing)} of "
+                       f"{total} are missing or invalid. Run the job again to complete them, or pass "
                        "allow_partial=True to get the rows there are with their indices.")
-    rows = np.concatenate(parts) if parts else np.empty((0,))
+    if parts and isinstance(parts[0], dict):
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    else:
+        rows = np.concatenate(parts) if parts else np.empty((0,))
     return (rows, np.asarray(indices, dtype=np.int64)) if allow_partial else rows
