@@ -224,3 +224,149 @@ def brute_force_ggn(obj: Objective, data: tuple[Tensor, Tensor] | None = None) -
 @pytest.fixture(params=["mlp", "cnn"])
 def problem(request) -> Objective:
     return make_problem(request.param)
+
+
+# --------------------------------------------------------------------------- Kronecker factors
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """The inputs each output position of ``module`` sees, shape (T, in·k) in the order of
+    ``weight.reshape(out, -1)`` (channel slowest), by explicit slicing of the padded input
+    (one sample, x of shape (1, C, L) or (1, C, H, W)); for a Linear, (1, in)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    nd = 1 if isinstance(module, nn.Conv1d) else 2
+    ks, st, dl = (tuple(module.kernel_size), tuple(module.stride), tuple(module.dilation))
+    if isinstance(module.padding, str):
+        pads = [(0, 0)] * nd if module.padding == "valid" else \
+            [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(ks, dl)]
+    else:
+        pads = [(p, p) for p in module.padding]
+    flat_pad = [v for lr in reversed(pads) for v in lr]
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    xp = torch.nn.functional.pad(x, flat_pad, mode=mode)[0] if any(flat_pad) else x[0]
+    sizes = [(xp.shape[1 + i] - dl[i] * (ks[i] - 1) - 1) // st[i] + 1 for i in range(nd)]
+    rows = []
+    if nd == 1:
+        for t in range(sizes[0]):
+            s0 = t * st[0]
+            rows.append(xp[:, s0:s0 + dl[0] * (ks[0] - 1) + 1:dl[0]].reshape(-1))
+    else:
+        for t0 in range(sizes[0]):
+            for t1 in range(sizes[1]):
+                s0, s1 = t0 * st[0], t1 * st[1]
+                rows.append(xp[:, s0:s0 + dl[0] * (ks[0] - 1) + 1:dl[0], s1:s1 + dl[1] * (ks[1] - 1) + 1:dl[1]].reshape(-1))
+    return torch.stack(rows)
+
+
+def brute_force_kronecker_factors(obj: Objective, data: tuple[Tensor, Tensor] | None = None) -> list[dict]:
+    """K-FAC factors of every Linear / Conv1d / Conv2d (groups = 1) with a trainable weight,
+    one sample at a time, independently of the library:
+
+    * ã_{n,t}: the layer's input patch at output position t (explicit slicing), with a
+      trailing 1 when the layer has a bias; A = (1/(nT)) Σ_{n,t} ã ãᵀ;
+    * b_{n,c} = √μ_c u_c from eigh of our loss's output Hessian Λ_n (autograd);
+      δ_{n,c,t} = ∂(b_{n,c}ᵀ f(x_n)) / ∂s_t, s the layer's output (autograd);
+      G = (1/n) Σ_{n,c,t} δ δᵀ;
+    * grads: the per-sample GGN gradients Σ_t δ_{n,c,t} ã_{n,t}ᵀ, shape (n, C, out, d_in),
+      asserted equal to the autograd gradient of b_{n,c}ᵀ f w.r.t. [W | b].
+
+    Returns one dict per layer: name, index (flat positions of row-major vec [W | b]), A, G, grads.
+    """
+    flat = Flat(obj.model)
+    model = obj.model
+    X, y = training_tensors(obj) if data is None else data
+    X, y = _inputs(flat, X), y.to(flat.theta.device)
+    layers = []
+    for mname, mod in model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or f"{mname}.weight" not in flat.names:
+            continue
+        if not isinstance(mod, nn.Linear) and mod.groups != 1:
+            continue
+        wname, bname = f"{mname}.weight", f"{mname}.bias"
+        out, d_w = mod.weight.shape[0], mod.weight[0].numel()
+        has_b = bname in flat.names
+        idx = torch.empty(out, d_w + has_b, dtype=torch.long)
+        idx[:, :d_w] = flat.slice(wname).start + torch.arange(out * d_w).view(out, d_w)
+        if has_b:
+            idx[:, d_w] = flat.slice(bname).start + torch.arange(out)
+        layers.append(dict(name=mname, module=mod, wname=wname, bname=bname if has_b else None,
+                           index=idx.reshape(-1), out=out, d_in=d_w + has_b, A=0.0, G=0.0, grads=[]))
+    records: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def hook(mod, inputs, output):
+        records[id(mod)] = (inputs[0].detach(), output)
+        return output.clone()  # an in-place op downstream changes the clone, not the recorded output
+
+    handles = [layer["module"].register_forward_hook(hook) for layer in layers]
+    try:
+        for xi, yi in zip(X, y):
+            records.clear()
+            params = {k: v.detach().clone().requires_grad_(True) for k, v in flat.split(flat.theta).items()}
+            with torch.enable_grad():
+                f = functional_call(model, params, (xi[None],))[0].reshape(-1)
+            Lam = output_hessian(obj, f.detach(), yi)
+            mu, U = torch.linalg.eigh(0.5 * (Lam + Lam.T))
+            B = (U * mu.clamp_min(0).sqrt()).T                      # rows b_c: Σ_c b_c b_cᵀ = Λ
+            per_layer = [[] for _ in layers]
+            for c in range(B.shape[0]):
+                scalar = f @ B[c]
+                outs = [records[id(layer["module"])][1] for layer in layers]
+                wanted = [params[layer["wname"]] for layer in layers] + \
+                         [params[layer["bname"]] for layer in layers if layer["bname"]]
+                gs = torch.autograd.grad(scalar, outs + wanted, retain_graph=True, allow_unused=True)
+                d_out, d_par = gs[:len(layers)], dict(zip([l["wname"] for l in layers] +
+                                                          [l["bname"] for l in layers if l["bname"]],
+                                                          gs[len(layers):]))
+                for j, layer in enumerate(layers):
+                    d = torch.zeros_like(outs[j]) if d_out[j] is None else d_out[j]
+                    d = d.reshape(layer["out"], -1).T if not isinstance(layer["module"], nn.Linear) \
+                        else d.reshape(-1, layer["out"])                       # (T, out)
+                    a = _patches(layer["module"], records[id(layer["module"])][0])   # (T, in·k)
+                    if layer["bname"]:
+                        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+                    g = d.T @ a                                                # Σ_t δ_t ã_tᵀ (out, d_in)
+                    W_grad = d_par[layer["wname"]].reshape(layer["out"], -1)
+                    if layer["bname"]:
+                        W_grad = torch.cat([W_grad, d_par[layer["bname"]].reshape(-1, 1)], dim=1)
+                    torch.testing.assert_close(g, W_grad, rtol=1e-10, atol=1e-12)
+                    per_layer[j].append(g.detach())
+                    layer["G"] = layer["G"] + d.T.detach() @ d.detach()
+                    if c == 0:
+                        layer["A"] = layer["A"] + a.T @ a / a.shape[0]
+            for j, layer in enumerate(layers):
+                layer["grads"].append(torch.stack(per_layer[j]))
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(X)
+    for layer in layers:
+        layer["A"], layer["G"] = layer["A"] / n, layer["G"] / n
+        layer["grads"] = torch.stack(layer["grads"])                              # (n, C, out, d_in)
+        del layer["module"]
+    return layers
+
+
+def kronecker_matrix(obj: Objective, layers: list[dict], corrected: bool,
+                     ggn: Tensor | None = None) -> Tensor:
+    """The K-FAC (``corrected=False``: blockdiag G ⊗ A) or EK-FAC (Q diag(S) Qᵀ, Q = Q_G ⊗ Q_A from
+    eigh of the factors, S the mean squared per-sample GGN gradient in that basis) matrix of
+    ``layers``, plus the exact GGN diagonal (from ``ggn``) on every parameter outside them, plus wd·I."""
+    M = Flat(obj.model).M
+    C = torch.zeros(M, M, dtype=torch.float64)
+    covered = torch.zeros(M, dtype=torch.bool)
+    for layer in layers:
+        idx = layer["index"]
+        if corrected:
+            QA, QG = torch.linalg.eigh(layer["A"])[1], torch.linalg.eigh(layer["G"])[1]
+            S = (QG.T @ layer["grads"] @ QA).square().sum(dim=(0, 1)) / layer["grads"].shape[0]
+            Q = torch.kron(QG, QA)
+            block = (Q * S.reshape(1, -1)) @ Q.T
+        else:
+            block = torch.kron(layer["G"], layer["A"])
+        C[idx.unsqueeze(1), idx.unsqueeze(0)] = block
+        covered[idx] = True
+    if not covered.all():
+        if ggn is None:
+            raise ValueError("parameters outside Kronecker layers need the exact GGN for their diagonal")
+        rest = (~covered).nonzero().flatten()
+        C[rest, rest] = torch.diagonal(ggn)[rest] - obj.weight_decay
+    return C + obj.weight_decay * torch.eye(M, dtype=torch.float64)
