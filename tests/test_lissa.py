@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from scalable_hbt import DenseCurvature, HessianOperator, Toolbox
 from scalable_hbt.curvature.lissa import LiSSACurvature
 from scalable_hbt.errors import IndefiniteDampingError, SolverDivergenceError
-from conftest import make_problem
+from conftest import brute_force_hessian, make_problem
 
 N = 40
 
@@ -20,9 +20,11 @@ def fitted(request):
     obj = make_problem(request.param, n=N)
     op = HessianOperator(obj)
     dense = DenseCurvature().fit(op)
-    damping = -dense.min_eigenvalue() + 0.05
+    H = brute_force_hessian(obj)
+    damping = -torch.linalg.eigvalsh(H)[0].item() + 0.05
     V = torch.randn(obj.num_params, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    return request.param, obj, op, dense, damping, V, dense.solve(V, damping)
+    ref = torch.linalg.solve(H + damping * torch.eye(len(H), dtype=H.dtype), V)  # explicit, brute-force H
+    return request.param, obj, op, dense, damping, V, ref
 
 
 def _rel(a, b):
