@@ -170,6 +170,23 @@ def brute_force_hessian(obj: Objective, data: tuple[Tensor, Tensor] | None = Non
     return torch.autograd.functional.hessian(L, flat.theta)
 
 
+def brute_force_hvp(obj: Objective, V: Tensor, data: tuple[Tensor, Tensor] | None = None,
+                    chunk: int = 50) -> Tensor:
+    """∇²L(θ̃) V for V (M, k), by double backward of our own L (reverse-over-reverse, one column
+    at a time, data in chunks): for models too large for :func:`brute_force_hessian`."""
+    flat, loss = Flat(obj.model), ref_loss(obj)
+    X, y = training_tensors(obj) if data is None else data
+    X, y = _inputs(flat, X), y.to(flat.theta.device)
+    out = obj.weight_decay * V.clone()
+    for s in range(0, len(X), chunk):
+        theta = flat.theta.clone().requires_grad_(True)
+        value = loss(flat.outputs(theta, X[s:s + chunk]), y[s:s + chunk]).sum() / len(X)
+        (g,) = torch.autograd.grad(value, theta, create_graph=True)
+        for j in range(V.shape[1]):
+            out[:, j] += torch.autograd.grad(g @ V[:, j], theta, retain_graph=j < V.shape[1] - 1)[0]
+    return out
+
+
 def brute_force_gradients(obj: Objective, X: Tensor, y: Tensor, objective_term: bool = True) -> Tensor:
     """Per-sample gradients ∇_θ [loss(f(x; θ̃), y) (+ (wd/2)‖θ̃‖²)], one sample at a time with
     torch.autograd.grad on our own flattening; shape (T, M)."""
@@ -307,6 +324,13 @@ def brute_force_kronecker_factors(obj: Objective, data: tuple[Tensor, Tensor] | 
             mu, U = torch.linalg.eigh(0.5 * (Lam + Lam.T))
             B = (U * mu.clamp_min(0).sqrt()).T                      # rows b_c: Σ_c b_c b_cᵀ = Λ
             per_layer = [[] for _ in layers]
+            patches = []
+            for layer in layers:
+                a = _patches(layer["module"], records[id(layer["module"])][0])      # (T, in·k)
+                if layer["bname"]:
+                    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+                patches.append(a)
+                layer["A"] = layer["A"] + a.T @ a / a.shape[0]
             for c in range(B.shape[0]):
                 scalar = f @ B[c]
                 outs = [records[id(layer["module"])][1] for layer in layers]
@@ -320,9 +344,7 @@ def brute_force_kronecker_factors(obj: Objective, data: tuple[Tensor, Tensor] | 
                     d = torch.zeros_like(outs[j]) if d_out[j] is None else d_out[j]
                     d = d.reshape(layer["out"], -1).T if not isinstance(layer["module"], nn.Linear) \
                         else d.reshape(-1, layer["out"])                       # (T, out)
-                    a = _patches(layer["module"], records[id(layer["module"])][0])   # (T, in·k)
-                    if layer["bname"]:
-                        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], dim=1)
+                    a = patches[j]
                     g = d.T @ a                                                # Σ_t δ_t ã_tᵀ (out, d_in)
                     W_grad = d_par[layer["wname"]].reshape(layer["out"], -1)
                     if layer["bname"]:
@@ -330,8 +352,6 @@ def brute_force_kronecker_factors(obj: Objective, data: tuple[Tensor, Tensor] | 
                     torch.testing.assert_close(g, W_grad, rtol=1e-10, atol=1e-12)
                     per_layer[j].append(g.detach())
                     layer["G"] = layer["G"] + d.T.detach() @ d.detach()
-                    if c == 0:
-                        layer["A"] = layer["A"] + a.T @ a / a.shape[0]
             for j, layer in enumerate(layers):
                 layer["grads"].append(torch.stack(per_layer[j]))
     finally:
