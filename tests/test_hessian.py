@@ -156,9 +156,11 @@ def test_cupy_linear_operator_adapter():
 
 def test_matvec_warns_nothing_for_plain_models():
     obj = make_problem("cnn")
+    v = torch.ones(obj.num_params, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        HessianOperator(obj).matvec(torch.ones(obj.num_params, dtype=torch.float64))
+        hv = HessianOperator(obj).matvec(v)
+    torch.testing.assert_close(hv, brute_force_hessian(obj) @ v, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])

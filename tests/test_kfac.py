@@ -231,6 +231,9 @@ def test_grouped_conv_errors_or_falls_back():
         kf = _fit(EKFACCurvature, obj, unsupported="diagonal")
     assert kf.diagnostics["diagonal_params"] == 4 * 1 * 3 + 4
     assert [d["name"] for d in kf.diagnostics["layers"]] == ["2"]
+    # the grouped conv gets the exact GGN diagonal, the Linear its EK-FAC block (independent factors)
+    ref = kronecker_matrix(obj, brute_force_kronecker_factors(obj), corrected=True, ggn=brute_force_ggn(obj))
+    torch.testing.assert_close(kf.dense_matrix(), ref, rtol=0, atol=1e-12 * ref.abs().max().item())
 
 
 def test_not_fitted_and_bad_shapes():
