@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from scalable_hbt import DenseCurvature, HessianOperator, Toolbox
 from scalable_hbt.curvature.lissa import LiSSACurvature
 from scalable_hbt.errors import IndefiniteDampingError, SolverDivergenceError
-from conftest import brute_force_hessian, make_problem
+from conftest import brute_force_hessian, make_problem, training_tensors
 
 N = 40
 
@@ -151,7 +151,7 @@ def test_negative_curvature_raises_with_a_damping_suggestion():
 
 def test_influence_rankings_match_dense():
     obj = make_problem("mlp", n=N)
-    Xt, yt = obj.train.take(range(5))
+    Xt, yt = (t[:5] for t in training_tensors(obj))
     exact = Toolbox(obj, damping="auto", inverse="dense", eigen="dense")
     damping = exact.damping
     lissa = LiSSACurvature(batch_size=N // 4, deflate=10, variance_reduction=True, target=1e-4, seed=0, progress=False)

@@ -84,7 +84,7 @@ def test_lanczos_top_eigenpairs_match_dense(fitted, method):
 
 def test_lees_from_lanczos_equals_dense():
     obj = make_problem("cnn")
-    Xt, _ = obj.train.take(range(5))
+    Xt = training_tensors(obj)[0][:5]
     exact = Toolbox(obj, damping=1.0, inverse="dense", eigen="dense")
     approx = Toolbox(obj, damping=1.0, inverse="dense", eigen="lanczos", eigen_options={"m": 20, "tol": 1e-12})
     for kwargs in ({"m": 10}, {"threshold": 0.05}, {"m": "auto"}):
@@ -114,7 +114,7 @@ def test_lowrank_inverse_is_exact_on_its_span_and_with_full_rank(fitted):
 
 def test_toolbox_with_cg_matches_dense_influence():
     obj = make_problem("mlp")
-    Xt, yt = obj.train.take(range(4))
+    Xt, yt = (t[:4] for t in training_tensors(obj))
     exact = Toolbox(obj, damping="auto", inverse="dense", eigen="dense")
     cg = Toolbox(obj, damping=exact.damping, inverse="cg", eigen="lanczos")
     assert _rel(cg.influence(Xt, yt), exact.influence(Xt, yt)) <= 1e-6
