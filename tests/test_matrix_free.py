@@ -251,6 +251,27 @@ def test_every_backend_is_selectable_by_name(matrix_reference, inverse, eigen):
     assert ((E - ref["lees"]).abs() / ref["lees"]).max() <= EIGEN_TOLERANCE[eigen]
 
 
+@pytest.mark.parametrize("inverse,normalizer", [("dense", "kfac"), ("dense", "ekfac"), ("cg", "ekfac"),
+                                                ("kfac", "dense"), ("dense", "lowrank")])
+def test_relatif_with_another_normalizer(matrix_reference, inverse, normalizer):
+    """RelatIF's numerator from the inverse backend, its normaliser ‖C_δ⁻¹ g_r‖ from another one
+    (README: a K-FAC normaliser with a CG numerator): each part is its own backend's definition."""
+    ref = matrix_reference
+    obj, Xt, yt = ref["obj"], ref["Xt"], ref["yt"]
+    tb = Toolbox(obj, damping=MATRIX_DAMPING, inverse=inverse, eigen="dense",
+                 inverse_options={"m": MATRIX_RANK} if inverse == "lowrank" else None)
+    if normalizer == "lowrank":
+        from scalable_hbt.curvature import LowRankCurvature
+        normalizer_arg = LowRankCurvature(m=MATRIX_RANK)
+    else:
+        normalizer_arg = normalizer
+    got = tb.relatif(Xt, yt, normalizer=normalizer_arg)
+    I_ref = ref["Gt"] @ ref["inverses"][inverse] @ ref["Gr"].T / ref["n"]
+    R_ref = I_ref / (ref["inverses"][normalizer] @ ref["Gr"].T).norm(dim=0)
+    assert _rel(got, R_ref) <= max(INVERSE_TOLERANCE[inverse], INVERSE_TOLERANCE[normalizer])
+    assert tb.last_info["relatif"]["normalizer"] == normalizer
+
+
 def test_cg_preconditioned_by_kfac_matches_dense_in_fewer_iterations():
     from scalable_hbt.curvature import KFACCurvature
 
