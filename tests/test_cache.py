@@ -15,7 +15,7 @@ from scalable_hbt.curvature import (CGCurvature, DenseCurvature, EKFACCurvature,
                                     LiSSACurvature, LowRankCurvature, make_backend)
 from scalable_hbt.operators import HessianOperator
 
-from conftest import make_problem
+from conftest import brute_force_gradients, brute_force_hessian, make_problem, training_tensors
 
 
 def _fit(obj: Objective, backend, cache: CurvatureCache) -> tuple[bool, HessianOperator]:
@@ -98,7 +98,7 @@ def test_cg_with_backend_preconditioner(tmp_path):
 # ------------------------------------------------------------------ the Toolbox flow
 def test_toolbox_second_fit_uses_no_hvps(tmp_path):
     obj = make_problem("mlp")
-    X, y = obj.train.take(range(5))
+    X, y = (t[:5] for t in training_tensors(obj))
     tb1 = Toolbox(obj, damping=0.2, inverse="dense", eigen="lanczos", eigen_options={"m": 3},
                         cache_dir=tmp_path).fit()
     assert tb1.operator.num_hvps > 0
@@ -106,6 +106,12 @@ def test_toolbox_second_fit_uses_no_hvps(tmp_path):
                         cache_dir=tmp_path).fit()
     assert tb2.operator.num_hvps == 0
     assert torch.equal(tb1.influence(X, y), tb2.influence(X, y))
+    # what was loaded is the right curvature: the influence of the brute-force H_δ
+    H = brute_force_hessian(obj)
+    Xr, yr = training_tensors(obj)
+    Gt, Gr = brute_force_gradients(obj, X, y), brute_force_gradients(obj, Xr, yr)
+    ref = Gt @ torch.linalg.solve(H + 0.2 * torch.eye(len(H), dtype=H.dtype), Gr.T) / obj.n
+    torch.testing.assert_close(tb2.influence(X, y), ref, rtol=1e-9, atol=1e-12)
     assert torch.equal(tb1.extrapolation_score(X, m=3), tb2.extrapolation_score(X, m=3))
     assert tb2.operator.num_hvps == 0
     # "auto" damping from the cached dense spectrum: still no HVPs
@@ -295,7 +301,7 @@ def test_key_is_the_same_in_another_process(tmp_path):
     from pathlib import Path
 
     code = ("import sys, torch; sys.path.insert(0, %r)\n"
-            "from conftest import make_problem\n"
+            "from conftest import brute_force_gradients, brute_force_hessian, make_problem, training_tensors\n"
             "from scalable_hbt.cache import fingerprint\n"
             "from scalable_hbt.curvature import LiSSACurvature\n"
             "print(fingerprint(make_problem('cnn'), LiSSACurvature(deflate=2), {'damping': 0.2}))\n"

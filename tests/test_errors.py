@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -107,7 +109,10 @@ def test_train_mode_with_dropout_warns_and_uses_eval_mode():
     assert model.training  # the caller's module is untouched
     v = torch.ones(obj.num_params, dtype=torch.float64)
     op = HessianOperator(obj)
-    torch.testing.assert_close(op.matvec(v), op.matvec(v))  # deterministic: dropout is off
+    # the curvature is the eval-mode one (dropout off): the brute-force Hessian of an eval copy
+    X, y = _data()
+    H = brute_force_hessian(obj, data=(X, y), model=copy.deepcopy(model).eval())
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
 
 
 def test_dense_refuses_when_m_squared_does_not_fit():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from scalable_hbt import DenseCurvature, HessianOperator, Objective
-from conftest import DEVICES, brute_force_hessian, make_problem
+from conftest import DEVICES, Flat, brute_force_hessian, brute_force_losses, make_problem, training_tensors
 
 MODES = ["forward-over-reverse", "reverse-over-reverse"]
 
@@ -98,6 +98,8 @@ def test_dense_hessian_equals_brute_force(kind, device):
 def test_chunk_and_batch_size_do_not_change_results():
     M = make_problem("cnn").num_params
     ref = HessianOperator(make_problem("cnn", batch_size=40)).dense(chunk=M)
+    H = brute_force_hessian(make_problem("cnn"))
+    torch.testing.assert_close(ref, H, rtol=0, atol=1e-10 * H.abs().max().item())
     for batch_size in (1, 7, 16):
         for chunk in (1, 5, 64):
             H = HessianOperator(make_problem("cnn", batch_size=batch_size)).dense(chunk=chunk)
@@ -123,11 +125,11 @@ def test_dense_assembly_uses_batched_passes():
 def test_minibatch_product_is_the_subset_hessian():
     obj = make_problem("mlp")
     idx = torch.tensor([3, 17, 5, 30])
-    sub = Objective(obj.model, "cross_entropy", obj.train.take(idx), weight_decay=obj.weight_decay,
-                    dtype=torch.float64, progress=False)
+    X, y = training_tensors(obj)
     V = torch.randn(obj.num_params, 3, dtype=torch.float64)
     op = HessianOperator(obj)
-    torch.testing.assert_close(op.minibatch_matmat(V, idx), brute_force_hessian(sub) @ V, rtol=0, atol=1e-10)
+    H_sub = brute_force_hessian(obj, data=(X[idx], y[idx]))  # (1/4) Σ_{i ∈ idx} ∇²ℓ_i
+    torch.testing.assert_close(op.minibatch_matmat(V, idx), H_sub @ V, rtol=0, atol=1e-10)
     assert op.num_hvps == pytest.approx(3 * 4 / obj.n)
 
 
@@ -154,9 +156,11 @@ def test_cupy_linear_operator_adapter():
 
 def test_matvec_warns_nothing_for_plain_models():
     obj = make_problem("cnn")
+    v = torch.ones(obj.num_params, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        HessianOperator(obj).matvec(torch.ones(obj.num_params, dtype=torch.float64))
+        hv = HessianOperator(obj).matvec(v)
+    torch.testing.assert_close(hv, brute_force_hessian(obj) @ v, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -165,6 +169,8 @@ def test_cached_graphs_give_the_same_products(kind):
     op = HessianOperator(obj)
     V = torch.randn(obj.num_params, 4, dtype=torch.float64)
     ref = op.matmat(V)
+    H = brute_force_hessian(obj)
+    torch.testing.assert_close(ref, H @ V, rtol=0, atol=1e-10 * H.abs().max().item())
     with op.cached_graphs():
         first, second = op.matmat(V), op.matmat(2 * V)
         assert len(op._graphs) == -(-obj.n // obj.batch_size)
@@ -180,6 +186,8 @@ def test_operator_level_graph_cache_persists_and_matches():
     obj = make_problem("cnn")
     V = torch.randn(obj.num_params, 3, dtype=torch.float64)
     ref = HessianOperator(obj).matmat(V)
+    H = brute_force_hessian(obj)
+    torch.testing.assert_close(ref, H @ V, rtol=0, atol=1e-10 * H.abs().max().item())
     op = HessianOperator(obj, cache_graphs=True)
     first = op.matmat(V)
     graphs = dict(op._graphs)
@@ -196,4 +204,50 @@ def test_regression_loss_hvp_equals_brute_force():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).double()
     obj = Objective(model, "mse", (X, Y), weight_decay=0.1, dtype=torch.float64, batch_size=7, progress=False)
     V = torch.randn(obj.num_params, 3, dtype=torch.float64, generator=g)
-    torch.testing.assert_close(HessianOperator(obj).matmat(V), brute_force_hessian(obj) @ V, rtol=0, atol=1e-10)
+    H = brute_force_hessian(obj, data=(X, Y))
+    torch.testing.assert_close(HessianOperator(obj).matmat(V), H @ V, rtol=0, atol=1e-10)
+
+
+
+class _OrderNet(nn.Module):
+    """Parameters registered in an order that differs from the order of use, a frozen weight
+    between trainable ones, and a bare parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = nn.Linear(3, 2)
+        self.first = nn.Linear(4, 3)
+        self.middle = nn.Linear(3, 3)
+        self.middle.weight.requires_grad_(False)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.middle(torch.tanh(self.first(x)) * self.scale)))
+
+
+def test_flatten_order_matches_named_parameters():
+    """θ is the trainable parameters flattened in ``named_parameters()`` order (DESIGN §1):
+    the library's names, θ̃, ``unflatten`` and ``flatten`` agree with our own flattening of the
+    caller's module, and the functional forward, losses and Hessian with the module's own."""
+    torch.manual_seed(0)
+    model = _OrderNet().double()
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(12, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (12,), generator=g)
+    obj = Objective(model, "cross_entropy", (X, y), weight_decay=0.1, dtype=torch.float64, batch_size=5,
+                    progress=False)
+    flat = Flat(model)  # the caller's module, not the Objective's copy
+    # a module's own parameters come before its children's, children in registration order
+    assert flat.names == ["scale", "second.weight", "second.bias", "first.weight", "first.bias", "middle.bias"]
+    assert obj.param_names == flat.names and obj.num_params == flat.M == 6 + 2 + 12 + 3 + 3 + 3
+    assert torch.equal(obj.theta, flat.theta)
+    v = torch.arange(flat.M, dtype=torch.float64)  # every entry distinct: any permutation shows
+    parts = obj.unflatten(v)
+    assert list(parts) == flat.names
+    for name, ref in flat.split(v).items():
+        assert torch.equal(parts[name], ref), name
+    assert torch.equal(obj.flatten(flat.split(v)), v)
+    with torch.no_grad():
+        torch.testing.assert_close(obj.forward(obj.theta, X), model(X), rtol=0, atol=1e-14)
+    torch.testing.assert_close(obj.per_sample_losses(X, y), brute_force_losses(obj, X, y), rtol=0, atol=1e-14)
+    H = brute_force_hessian(obj, data=(X, y), model=model)
+    torch.testing.assert_close(HessianOperator(obj).dense(), H, rtol=0, atol=1e-12)

@@ -8,27 +8,13 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 from torch import nn
-from torch.func import hessian, jacrev
 
-from scalable_hbt import DenseCurvature, HessianOperator, InputError, Objective
+from scalable_hbt import HessianOperator, InputError, Objective
 from scalable_hbt.curvature.kfac import EKFACCurvature, KFACCurvature, KFACFallbackWarning
-from conftest import brute_force_hessian, make_problem
+from conftest import (brute_force_ggn, brute_force_gradients, brute_force_hessian, brute_force_kronecker_factors,
+                      kronecker_matrix, make_problem, register_data, training_tensors)
 
 BACKENDS = [KFACCurvature, EKFACCurvature]
-
-
-def brute_force_ggn(obj: Objective) -> torch.Tensor:
-    """(1/n) Σ_n J_nᵀ Λ_n J_n + wd·I with J_n = ∂f(x_n)/∂θ and Λ_n the loss Hessian in the output."""
-    X, y = obj.train.take(range(obj.n))
-    M = obj.num_params
-    ggn = torch.zeros(M, M, dtype=torch.float64)
-    for xi, yi in zip(X, y):
-        f = lambda th: obj.forward(th, xi[None])[0].reshape(-1)  # noqa: E731
-        J = jacrev(f)(obj.theta)                                     # (K, M)
-        out = f(obj.theta).detach()
-        Lam = hessian(lambda o: obj.loss.fn(o.view(1, -1), yi[None])[0])(out)
-        ggn += J.T @ Lam @ J
-    return ggn / obj.n + obj.weight_decay * torch.eye(M, dtype=torch.float64)
 
 
 def _fit(cls, obj, **kw):
@@ -44,8 +30,8 @@ def _regression(bias=True, n=30, K=3, wd=1e-2):
     X = torch.randn(n, 4, generator=gen, dtype=torch.float64)
     Y = torch.randn(n, K, generator=gen, dtype=torch.float64)
     torch.manual_seed(3)
-    return Objective(nn.Linear(4, K, bias=bias), "mse", (X, Y), weight_decay=wd, batch_size=7,
-                     dtype=torch.float64, progress=False)
+    return register_data(Objective(nn.Linear(4, K, bias=bias), "mse", (X, Y), weight_decay=wd, batch_size=7,
+                                   dtype=torch.float64, progress=False), X, Y)
 
 
 # --------------------------------------------------------------------------- 1. exactness
@@ -72,7 +58,7 @@ def test_exact_for_single_linear_layer_with_mse(cls, bias):
 def _trained(kind: str) -> Objective:
     """make_problem's model after 300 full-batch Adam steps (curvature near a minimum)."""
     obj0 = make_problem(kind)
-    X, y = obj0.train.take(range(obj0.n))
+    X, y = training_tensors(obj0)
     model = obj0.model
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     for _ in range(300):
@@ -81,8 +67,8 @@ def _trained(kind: str) -> Objective:
             p.square().sum() for p in model.parameters())
         loss.backward()
         opt.step()
-    return Objective(model, "cross_entropy", (X, y), weight_decay=obj0.weight_decay, batch_size=16,
-                     dtype=torch.float64, progress=False)
+    return register_data(Objective(model, "cross_entropy", (X, y), weight_decay=obj0.weight_decay, batch_size=16,
+                                   dtype=torch.float64, progress=False), X, y)
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
@@ -93,6 +79,10 @@ def test_tiny_models_against_exact_ggn_and_hessian(kind, trained, capsys):
     ggn = brute_force_ggn(obj)
     kf, ek = _fit(KFACCurvature, obj), _fit(EKFACCurvature, obj)
     Hk, He = kf.dense_matrix(), ek.dense_matrix()
+    # both are their definitions, assembled from independently computed factors (round-off: 1e-15)
+    factors = brute_force_kronecker_factors(obj)
+    torch.testing.assert_close(Hk, kronecker_matrix(obj, factors, corrected=False), rtol=0, atol=1e-12)
+    torch.testing.assert_close(He, kronecker_matrix(obj, factors, corrected=True), rtol=0, atol=1e-12)
 
     # EK-FAC eigenvalues are exactly the diagonal of each GGN block in the Kronecker eigenbasis
     for lk, le in zip(kf.layers, ek.layers):
@@ -106,11 +96,14 @@ def test_tiny_models_against_exact_ggn_and_hessian(kind, trained, capsys):
     assert err_e <= err_k + 1e-12
 
     damping = max(0.0, -torch.linalg.eigvalsh(H)[0].item()) + 0.05
-    X, y = obj.train.take(range(obj.n))
-    G = obj.gradients(X, y)
-    exact = DenseCurvature().fit(HessianOperator(obj)).inverse_norms(G, damping)
-    ggn_exact = torch.linalg.solve(ggn + damping * torch.eye(len(ggn), dtype=ggn.dtype), G.T).norm(dim=0)
+    X, y = training_tensors(obj)
+    G = brute_force_gradients(obj, X, y)
+    eye = torch.eye(len(H), dtype=H.dtype)
+    exact = torch.linalg.solve(H + damping * eye, G.T).norm(dim=0)
+    ggn_exact = torch.linalg.solve(ggn + damping * eye, G.T).norm(dim=0)
     nk, ne = kf.inverse_norms(G, damping), ek.inverse_norms(G, damping)
+    torch.testing.assert_close(nk, torch.linalg.solve(Hk + damping * eye, G.T).norm(dim=0), rtol=1e-10, atol=0)
+    torch.testing.assert_close(ne, torch.linalg.solve(He + damping * eye, G.T).norm(dim=0), rtol=1e-10, atol=0)
     rho = {name: spearmanr(v.numpy(), exact.numpy())[0] for name, v in
            [("kfac", nk), ("ekfac", ne), ("ggn", ggn_exact)]}
     rho_ggn = {name: spearmanr(v.numpy(), ggn_exact.numpy())[0] for name, v in [("kfac", nk), ("ekfac", ne)]}
@@ -139,8 +132,8 @@ class _Scale(nn.Module):
 
 
 def _obj(model, X, y, wd=1e-2, loss="cross_entropy"):
-    return Objective(model.double().eval(), loss, (X, y), weight_decay=wd, batch_size=5,
-                     dtype=torch.float64, progress=False)
+    return register_data(Objective(model.double().eval(), loss, (X, y), weight_decay=wd, batch_size=5,
+                                   dtype=torch.float64, progress=False), X, y)
 
 
 def test_conv_factor_shapes_and_exact_corrected_diagonal():
@@ -169,6 +162,13 @@ def test_conv_factor_shapes_and_exact_corrected_diagonal():
             Q = torch.kron(layer.QG, layer.QA)
             torch.testing.assert_close(layer.S.reshape(-1), torch.diagonal(Q.T @ ggn[idx][:, idx] @ Q)
                                        - obj.weight_decay, rtol=1e-9, atol=1e-12)
+        # the unfolding (stride, padding, dilation, 'same', circular) against explicitly sliced patches
+        factors = brute_force_kronecker_factors(obj)
+        assert [(tuple(f["A"].shape), tuple(f["G"].shape)) for f in factors] == shapes
+        scale = ggn.abs().max().item()
+        torch.testing.assert_close(_fit(KFACCurvature, obj).dense_matrix(), kronecker_matrix(obj, factors, False),
+                                   rtol=0, atol=1e-12 * scale)
+        torch.testing.assert_close(ek.dense_matrix(), kronecker_matrix(obj, factors, True), rtol=0, atol=1e-12 * scale)
 
 
 def test_diagonal_fallback_warns_once_and_is_the_ggn_diagonal():
@@ -190,6 +190,10 @@ def test_diagonal_fallback_warns_once_and_is_the_ggn_diagonal():
     torch.testing.assert_close(kf.diag, torch.diagonal(ggn)[idx] - obj.weight_decay, rtol=1e-9, atol=1e-12)
     V = torch.randn(obj.num_params, 2, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(kf.solve(V, 0.1)[idx], V[idx] / (torch.diagonal(ggn)[idx] + 0.1).unsqueeze(1))
+    # the whole solve: Kronecker blocks from independent factors, the GGN diagonal elsewhere
+    C = kronecker_matrix(obj, brute_force_kronecker_factors(obj), corrected=False, ggn=ggn)
+    torch.testing.assert_close(kf.solve(V, 0.1), torch.linalg.solve(C + 0.1 * torch.eye(len(C), dtype=C.dtype), V),
+                               rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- 4. inverse_norms shortcut
@@ -201,11 +205,16 @@ def test_inverse_norms_equal_norm_of_solve(cls):
     obj = _obj(model, torch.randn(10, 1, 16, generator=gen, dtype=torch.float64), torch.randint(0, 2, (10,), generator=gen))
     with pytest.warns(KFACFallbackWarning, match="2.scale"):
         kf = _fit(cls, obj)
-    X, y = obj.train.take(range(obj.n))
-    G = obj.gradients(X, y)
+    X, y = training_tensors(obj)
+    G = brute_force_gradients(obj, X, y)
+    C = kronecker_matrix(obj, brute_force_kronecker_factors(obj), corrected=cls is EKFACCurvature,
+                         ggn=brute_force_ggn(obj))
     for damping in (1e-3, 0.5):
         torch.testing.assert_close(kf.inverse_norms(G, damping), kf.solve(G.T, damping).norm(dim=0),
                                    rtol=1e-12, atol=0)
+        # ‖(Ĉ + δI)⁻¹ g_r‖ with Ĉ of the backend's definition, assembled independently
+        ref = torch.linalg.solve(C + damping * torch.eye(len(C), dtype=C.dtype), G.T).norm(dim=0)
+        torch.testing.assert_close(kf.inverse_norms(G, damping), ref, rtol=1e-9, atol=0)
     with pytest.warns(KFACFallbackWarning), pytest.raises(InputError, match="damping"):
         cls().fit(HessianOperator(_obj(model, X, y, wd=0.0))).solve(G.T, 0.0)
 
@@ -222,6 +231,9 @@ def test_grouped_conv_errors_or_falls_back():
         kf = _fit(EKFACCurvature, obj, unsupported="diagonal")
     assert kf.diagnostics["diagonal_params"] == 4 * 1 * 3 + 4
     assert [d["name"] for d in kf.diagnostics["layers"]] == ["2"]
+    # the grouped conv gets the exact GGN diagonal, the Linear its EK-FAC block (independent factors)
+    ref = kronecker_matrix(obj, brute_force_kronecker_factors(obj), corrected=True, ggn=brute_force_ggn(obj))
+    torch.testing.assert_close(kf.dense_matrix(), ref, rtol=0, atol=1e-12 * ref.abs().max().item())
 
 
 def test_not_fitted_and_bad_shapes():

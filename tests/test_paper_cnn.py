@@ -24,6 +24,8 @@ from scalable_hbt import DenseCurvature, HessianOperator, Objective, Toolbox
 from scalable_hbt.errors import SolverDivergenceError
 from scalable_hbt.curvature import CGCurvature, EKFACCurvature, KFACCurvature, LanczosCurvature, LiSSACurvature
 from scalable_hbt.physics import MinMaxScaler, PaperCNN, evaluation_set, paper_weight_decay, train_model, training_set
+from conftest import (brute_force_ggn, brute_force_gradients, brute_force_hvp, brute_force_kronecker_factors,
+                      kronecker_matrix, register_data)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -47,14 +49,30 @@ class Setup:
     pass
 
 
+def _one_blas_thread():
+    """numpy/scipy BLAS on one thread too (exact diagonalisation of the data), when threadpoolctl
+    is available; torch's own threads are set by the ``one_thread`` fixture."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
+
+
 @pytest.fixture(scope="module")
-def cnn(tmp_path_factory) -> Setup:
+def cnn(one_thread, tmp_path_factory) -> Setup:
+    """Data, training and the dense fit, all on one thread (requested here, not only by the module's
+    marker, so that it is in force before anything is computed)."""
+    assert torch.get_num_threads() == 1
     s = Setup()
     s.t = {}
     t0 = time.perf_counter()
     cache = tmp_path_factory.mktemp("hubbard_cache")
-    train = training_set(12, N_PER_PHASE, cache_dir=cache, progress=False)
-    test = evaluation_set(12, cache_dir=cache, progress=False)
+    with _one_blas_thread():
+        train = training_set(12, N_PER_PHASE, cache_dir=cache, progress=False)
+        test = evaluation_set(12, cache_dir=cache, progress=False)
     s.t["data"] = time.perf_counter() - t0
 
     scaler = MinMaxScaler.fit(train.amplitudes)
@@ -70,8 +88,8 @@ def cnn(tmp_path_factory) -> Setup:
     s.t["training"] = time.perf_counter() - t0
     s.train_result = res
 
-    s.obj = Objective(res.model, "cross_entropy", (s.X, s.y), weight_decay=wd, dtype=F64, batch_size=n,
-                      progress=False)
+    s.obj = register_data(Objective(res.model, "cross_entropy", (s.X, s.y), weight_decay=wd, dtype=F64,
+                                    batch_size=n, progress=False), s.X, s.y)
     s.op = HessianOperator(s.obj)
     t0 = time.perf_counter()
     s.dense = DenseCurvature().fit(s.op)
@@ -84,8 +102,8 @@ def cnn(tmp_path_factory) -> Setup:
     # 5 test points: deep LL, inside LL, near the transition (V1 = 1), inside CDW, deep CDW
     targets = [0.1, 0.5, 1.0, 3.0, 30.0]
     s.picks = [int(np.argmin(np.abs(s.v1 - v))) for v in targets]
-    s.Gt = s.obj.gradients((s.Xt[s.picks], s.yt[s.picks]))          # (5, M), objective gradients
-    s.Gtrain = s.obj.gradients((s.X, s.y))                           # (n, M)
+    s.Gt = brute_force_gradients(s.obj, s.Xt[s.picks], s.yt[s.picks])  # (5, M), objective gradients
+    s.Gtrain = brute_force_gradients(s.obj, s.X, s.y)                  # (n, M)
     gen = torch.Generator().manual_seed(1)
     s.Vrand = torch.randn(s.obj.num_params, 5, generator=gen, dtype=F64)
     s.infl_exact = Toolbox(s.obj, damping=s.damping, inverse=s.dense, eigen=s.dense).influence(
@@ -100,8 +118,24 @@ def cnn(tmp_path_factory) -> Setup:
     return s
 
 
+def test_dense_oracle_matches_brute_force_products(cnn):
+    """The oracle at this scale, against products of our own double-backward Hessian: random
+    vectors (relative error ≤ 1e-10 of ‖H‖‖v‖), and the extreme eigenpairs, whose residual
+    ‖H q − λ q‖ must be round-off (≤ 1e-10·λ_max; λ_min ≈ −0.03 is 1.5e-5 of λ_max)."""
+    Q, lam = cnn.dense.eigenvectors, cnn.dense.eigenvalues
+    V = torch.cat([cnn.Vrand, Q[:, [0, -1]]], dim=1)
+    HV = brute_force_hvp(cnn.obj, V)
+    dense_HV = Q @ (lam.unsqueeze(1) * (Q.T @ V))
+    scale = cnn.lambda_max
+    err = ((HV - dense_HV).norm(dim=0) / V.norm(dim=0)).max().item()
+    residual_min = (HV[:, -2] - lam[0] * V[:, -2]).norm().item()
+    report("dense oracle vs brute-force HVPs", max_rel_err=err / scale, residual_lambda_min=residual_min / scale)
+    assert err <= 1e-10 * scale
+    assert residual_min <= 1e-10 * scale and (HV[:, -1] - lam[-1] * V[:, -1]).norm() <= 1e-10 * scale
+
+
 def test_auto_damping_matches_paper_rule(cnn):
-    tb = Toolbox(cnn.obj, damping="auto", inverse=cnn.dense, eigen=cnn.dense)
+    tb = Toolbox(cnn.obj, damping="auto", inverse=cnn.dense, eigen=cnn.dense, operator=cnn.op)
     assert tb.damping == pytest.approx(cnn.damping, rel=1e-12)
 
 
@@ -165,11 +199,19 @@ def lissa_runs(cnn):
     # plain LiSSA, 100 mini-batch steps of b = n/4 (automatic scale, no control variate): its residual
     # estimate shows an answer no better than zero, and it says so instead of returning it
     op3 = HessianOperator(cnn.obj)
+    t0 = time.perf_counter()
     classic = LiSSACurvature(deflate=0, depth=100, batch_size=N_PER_PHASE * 2 // 4, seed=0, progress=False,
                              warn_residual=None).fit(op3)
-    with pytest.raises(SolverDivergenceError, match=r"relative residual .* ≥ 1 .*no better than x = 0"):
+    try:  # its residual estimate reaches 1: reported as a SolverDivergenceError (recorded, tested below)
         classic.solve(cnn.Gt.T, cnn.damping)
+        out["plain_minibatch_100_error"] = None
+    except SolverDivergenceError as err:
+        out["plain_minibatch_100_error"] = err
+    report("lissa[plain_minibatch_100]", diverged=out["plain_minibatch_100_error"] is not None,
+           message=str(out["plain_minibatch_100_error"])[:160], seconds=time.perf_counter() - t0)
     for name, r in out.items():
+        if name.endswith("_error"):
+            continue
         d = r["diag"]
         report(f"lissa[{name}]", err=r["err"], depth=d["depth"], scale=d["scale"], batch_size=d["batch_size"],
                solve_hvps=float(d["lissa_hvps"]), fit_hvps=float(d["fit_hvps"]), total_hvps=float(d["hvps_with_fit"]),
@@ -182,6 +224,14 @@ def test_lissa_deflated_matches_dense(cnn, lissa_runs):
     d = lissa_runs["deflated"]
     assert d["diag"]["deflated"] == 10
     assert d["err"] <= 1e-2
+
+
+def test_lissa_plain_minibatch_anchor_is_reported_as_diverging(lissa_runs):
+    """The issue's anchor, plain LiSSA with 100 steps of b = n/4: its one-product residual
+    estimate is ≥ 1 (no better than x = 0), which ``solve`` reports instead of returning."""
+    err = lissa_runs["plain_minibatch_100_error"]
+    assert isinstance(err, SolverDivergenceError)
+    assert "no better than x = 0" in str(err)
 
 
 def test_lissa_plain_same_budget_is_worse(cnn, lissa_runs):
@@ -291,34 +341,26 @@ def test_lanczos_lees_matches_dense(cnn, lanczos, rule):
 
 
 # --------------------------------------------------------------------------- 4. K-FAC / EK-FAC
-def exact_ggn(obj: Objective) -> torch.Tensor:
-    """(1/n) Σ_i J_iᵀ Λ_i J_i + wd·I, J_i = ∂f(x_i)/∂θ, Λ_i = diag(p) − ppᵀ (softmax cross-entropy)."""
-    from torch.func import jacrev, vmap
-
-    X, _ = obj.train.take(range(obj.n))
-    theta = obj.theta.detach()
-    M = obj.num_params
-    ggn = torch.zeros(M, M, dtype=F64)
-    for s in range(0, obj.n, 50):
-        xb = X[s:s + 50]
-        J = vmap(lambda x: jacrev(lambda th: obj.forward(th, x[None])[0])(theta))(xb)   # (B, K, M)
-        with torch.no_grad():
-            p = torch.softmax(obj.forward(theta, xb), dim=1)                           # (B, K)
-        Lam = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-        ggn += torch.einsum("bkm,bkl,bln->mn", J, Lam, J)
-    return ggn / obj.n + obj.weight_decay * torch.eye(M, dtype=F64)
+@pytest.fixture(scope="module")
+def kronecker_reference(cnn):
+    """Independently computed: the exact GGN (brute force, our loss and flattening) and the
+    Kronecker factors of the three Conv1d layers and the Linear (explicitly sliced patches,
+    autograd output gradients; conftest.brute_force_kronecker_factors)."""
+    t0 = time.perf_counter()
+    ggn = brute_force_ggn(cnn.obj)
+    factors = brute_force_kronecker_factors(cnn.obj)
+    report("independent GGN and Kronecker factors", seconds=time.perf_counter() - t0)
+    return ggn, factors
 
 
 @pytest.fixture(scope="module")
-def kfac_results(cnn):
+def kfac_results(cnn, kronecker_reference):
     out = {}
     ref_norms = cnn.dense.inverse_norms(cnn.Gtrain, cnn.damping)
-    t0 = time.perf_counter()
-    ggn = exact_ggn(cnn.obj)
-    ggn_s = time.perf_counter() - t0
+    ggn, factors = kronecker_reference
     Q, lam = cnn.dense.eigenvectors, cnn.dense.eigenvalues
     H = (Q * lam) @ Q.T
-    report("exact GGN", seconds=ggn_s, rel_frob_ggn_vs_hessian=((ggn - H).norm() / H.norm()).item())
+    report("exact GGN", rel_frob_ggn_vs_hessian=((ggn - H).norm() / H.norm()).item())
     for cls in (KFACCurvature, EKFACCurvature):
         op = HessianOperator(cnn.obj)
         t0 = time.perf_counter()
@@ -328,7 +370,13 @@ def kfac_results(cnn):
         tb = Toolbox(cnn.obj, damping=cnn.damping, inverse=kf, eigen=cnn.dense)
         infl = tb.influence(cnn.Xt[cnn.picks], cnn.yt[cnn.picks])
         approx = kf.dense_matrix()
+        definition = kronecker_matrix(cnn.obj, factors, corrected=cls is EKFACCurvature)
+        eye = torch.eye(len(definition), dtype=F64)
+        def_norms = torch.linalg.solve(definition + cnn.damping * eye, cnn.Gtrain.T).norm(dim=0)
         r = dict(
+            backend=kf, approx=approx,
+            def_err=((approx - definition).norm() / definition.norm()).item(),
+            def_norm_err=((norms - def_norms).abs() / def_norms).max().item(),
             norm_spearman=float(spearmanr(norms.numpy(), ref_norms.numpy())[0]),
             norm_spearman_resolved=_spearman_rows(norms[None], ref_norms[None], resolved_only=True)[0],
             infl_spearman=_spearman_rows(infl, cnn.infl_exact),
@@ -338,7 +386,8 @@ def kfac_results(cnn):
             frob_vs_hessian=((approx - H).norm() / H.norm()).item(),
             seconds=secs, passes=kf.diagnostics["passes"])
         out[kf.name] = r
-        report(kf.name, normaliser_spearman=r["norm_spearman"], normaliser_spearman_resolved=r["norm_spearman_resolved"],
+        report(kf.name, rel_err_vs_definition=r["def_err"], normaliser_rel_err_vs_definition=r["def_norm_err"],
+               normaliser_spearman=r["norm_spearman"], normaliser_spearman_resolved=r["norm_spearman_resolved"],
                influence_spearman_resolved=[round(v, 4) for v in r["infl_spearman_resolved"]],
                influence_spearman=[round(v, 4) for v in r["infl_spearman"]],
                mean_influence_spearman=float(np.mean(r["infl_spearman"])),
@@ -347,19 +396,52 @@ def kfac_results(cnn):
     return out
 
 
-def test_kfac_ekfac_spearman_reported(kfac_results):
+def test_kfac_ekfac_are_their_definitions(kfac_results):
+    """On the paper's CNN (three Conv1d layers with padding, pooling, and a Linear), Ĥ of each
+    backend equals its definition assembled from independently computed factors — K-FAC
+    blockdiag(G ⊗ A) + wd·I, EK-FAC Q diag(S) Qᵀ + wd·I with Q from eigh of those factors — and
+    the RelatIF normalisers ‖(Ĥ + δI)⁻¹ g_r‖ of all 200 training points equal those of the
+    explicit matrix. Both are float64 round-off apart (measured 7e-15 and 1.2e-13 at most);
+    the bound, relative 1e-10, is far below any difference of definition (against the exact
+    GGN their relative Frobenius errors are 0.998 and 0.716)."""
     for name in ("kfac", "ekfac"):
         r = kfac_results[name]
-        assert np.isfinite(r["norm_spearman"]) and all(np.isfinite(r["infl_spearman"]))
+        assert r["def_err"] <= 1e-10, name
+        assert r["def_norm_err"] <= 1e-10, name
 
 
 def test_ekfac_at_least_as_close_as_kfac_to_ggn(kfac_results):
     assert kfac_results["ekfac"]["frob_vs_ggn"] <= kfac_results["kfac"]["frob_vs_ggn"]
 
 
+def test_ekfac_is_the_frobenius_closest_diagonal_in_the_kronecker_eigenbasis(kfac_results, kronecker_reference):
+    """What EK-FAC guarantees (George et al. 2018): in each layer's Kronecker eigenbasis
+    Q = Q_G ⊗ Q_A its eigenvalues are the diagonal of the exact GGN block, S = diag(Qᵀ F Q) − wd,
+    the Frobenius-optimal diagonal in that basis; hence, block by block, it is at least as close
+    to the GGN as K-FAC's λ_G λ_Aᵀ in the same basis. (It does not promise better-ranked RelatIF
+    normalisers; see the strict xfail below.)"""
+    ggn, _ = kronecker_reference
+    kf, ek = kfac_results["kfac"]["backend"], kfac_results["ekfac"]["backend"]
+    wd = kf.weight_decay
+    for lk, le in zip(kf.layers, ek.layers):
+        idx = le.flat_index()
+        F = ggn[idx][:, idx] - wd * torch.eye(len(idx), dtype=F64)
+        Q = torch.kron(le.QG, le.QA)
+        diag = torch.diagonal(Q.T @ F @ Q)
+        torch.testing.assert_close(le.S.reshape(-1), diag, rtol=0, atol=1e-9 * diag.abs().max().item())
+        err_e = (F - (Q * le.S.reshape(1, -1)) @ Q.T).norm()
+        err_k = (F - (Q * lk.S.reshape(1, -1)) @ Q.T).norm()
+        report(f"layer {le.name}", rel_frob_ekfac=(err_e / F.norm()).item(), rel_frob_kfac=(err_k / F.norm()).item())
+        assert err_e <= err_k * (1 + 1e-12), le.name
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on the one-thread model (λ_max 1857): RelatIF-normaliser Spearman against the exact "
+    "normalisers over the resolved training points is EK-FAC 0.804 < K-FAC 0.882 (over all 200 "
+    "points, tie-decided: EK-FAC -0.010, K-FAC 0.839). The bound recorded in benchmarks/BACKENDS.md "
+    "(EK-FAC ≥ K-FAC) held only on another trained model; EK-FAC's guarantee is the Frobenius one."))
 def test_ekfac_normaliser_spearman_at_least_kfac(kfac_results):
-    """EK-FAC's RelatIF normaliser ranks the resolved training points at least as well as
-    K-FAC's. Over all 200 points the Spearman is decided by the saturated points, whose
-    gradients are all ≈ wd·θ̃ and whose norms tie to float64 rounding (BACKENDS.md, finding 4):
-    (K-FAC 0.83, EK-FAC −0.03) on a model trained on two threads, (0.76, 0.76) on one."""
+    """The claim recorded with the backend benchmarks: EK-FAC's RelatIF normaliser ranks the
+    resolved training points at least as well as K-FAC's. Not implied by EK-FAC's construction
+    (only the Frobenius closeness is), and it does not hold on this model."""
     assert kfac_results["ekfac"]["norm_spearman_resolved"] >= kfac_results["kfac"]["norm_spearman_resolved"]
