@@ -183,7 +183,7 @@ class Toolbox:
         weights = bootstrap_weights(self.objective.n, n_bootstrap, seed)  # validates both
         key = (n_bootstrap, seed, self.rue_damping)
         if self._shifts is None or self._shifts[0] != key:
-            self._shifts = None  # free the old set before the new one is computed
+            self._shifts = None  # free the previous set before the new one is computed
             self._shifts = key, bootstrap_shifts(self.objective, self.inverse, self.rue_damping, weights)
         return self._shifts[1]
 
