@@ -19,7 +19,6 @@ overwrites the bad entry).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..curvature import CurvatureBackend
-from ..files import remove_debris, replace_folder, temporary_folder
+from ..files import file_sha256, remove_debris, replace_folder, temporary_folder
 from ..operators import CurvatureOperator
 from .fingerprint import FORMAT_VERSION, backend_parts, library_versions
 
@@ -104,14 +103,6 @@ def _unjson(meta: Any) -> Any:
     return meta
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class CurvatureCache:
     """A folder of cached curvature fits, one sub-folder per (backend, key).
 
@@ -171,7 +162,7 @@ class CurvatureCache:
             if size != record["bytes"]:
                 return self._reject(tensors_path, f"has {size} bytes, the manifest records {record['bytes']} "
                                                   "(truncated or partially written)")
-            digest = _file_sha256(tensors_path)
+            digest = file_sha256(tensors_path)
         except (OSError, KeyError, TypeError) as err:
             return self._reject(tensors_path, f"cannot be read ({type(err).__name__}: {err})")
         if digest != record.get("sha256"):
@@ -225,7 +216,7 @@ class CurvatureCache:
                 "backend_class": backend_parts(backend)["class"],
                 "settings": backend_parts(backend)["settings"],
                 "fingerprint": parts,
-                "files": {TENSORS_FILE: {"sha256": _file_sha256(tensors_path),
+                "files": {TENSORS_FILE: {"sha256": file_sha256(tensors_path),
                                          "bytes": tensors_path.stat().st_size}},
                 "state": meta,
                 "library": library_versions(),

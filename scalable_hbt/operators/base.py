@@ -18,7 +18,7 @@ the training data and the partial sums are all-reduced, so every rank holds the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -43,6 +43,10 @@ class CurvatureOperator(ABC):
     max_vectors:
         Columns of V pushed through one pass over the data together; bounds the memory of a
         product (and of the solvers, which work on blocks of this many columns).
+    cache_graphs:
+        Keep each training chunk's autograd graphs (whatever a subclass builds per batch) for the
+        operator's lifetime, so that later products skip rebuilding them; worth it for small
+        networks under long sequences of products, for the memory of the graphs of all n samples.
 
     Attributes
     ----------
@@ -54,12 +58,13 @@ class CurvatureOperator(ABC):
     #: Which curvature this operator applies ("hessian", "ggn"); part of every cache key.
     kind: ClassVar[str] = "abstract"
 
-    def __init__(self, objective: Objective, *, max_vectors: int = 32) -> None:
+    def __init__(self, objective: Objective, *, max_vectors: int = 32, cache_graphs: bool = False) -> None:
         if not isinstance(max_vectors, int) or isinstance(max_vectors, bool) or max_vectors < 1:
             raise InputError(f"max_vectors must be an integer ≥ 1; got {max_vectors!r}.")
         self.objective = objective
         self.max_vectors = max_vectors
         self.num_hvps = 0.0
+        self._graphs: dict[int, Any] | None = {} if cache_graphs else None
 
     # ------------------------------------------------------------------ the one per-batch product
     @abstractmethod
@@ -73,11 +78,31 @@ class CurvatureOperator(ABC):
         """What, besides the objective, determines the products (for cache keys and reports)."""
         return {"curvature": self.kind}
 
+    def _kept_graph(self, key: int | None, build: Callable[[], Any]) -> Any:
+        """A batch's graphs: from the cache when chunk ``key`` was seen and graphs are kept, else
+        ``build()`` (and kept when caching is on and ``key`` names a training chunk)."""
+        if self._graphs is not None and key in self._graphs:
+            return self._graphs[key]
+        graph = build()
+        if self._graphs is not None and key is not None:
+            self._graphs[key] = graph
+        return graph
+
+    def _keeps_graphs(self, key: int | None) -> bool:
+        return self._graphs is not None and key is not None
+
     @contextmanager
     def cached_graphs(self) -> Iterator[CurvatureOperator]:
-        """Within this block a subclass may keep each training chunk's intermediate results
-        (autograd graphs) between products; this base keeps none."""
-        yield self
+        """Within this block, keep every chunk's graphs between products (see ``cache_graphs``);
+        the graphs are dropped on exit unless the operator keeps them anyway."""
+        outermost = self._graphs is None
+        if outermost:
+            self._graphs = {}
+        try:
+            yield self
+        finally:
+            if outermost:
+                self._graphs = None
 
     # ------------------------------------------------------------------ shape of the operator
     @property

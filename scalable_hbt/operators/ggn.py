@@ -21,9 +21,6 @@ with ``cache_graphs`` the graphs of F and Jᵀu are kept per chunk and only two 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import Tensor
 from torch.func import grad, jvp
@@ -50,22 +47,19 @@ class GGNOperator(CurvatureOperator):
     kind = "ggn"
 
     def __init__(self, objective: Objective, max_vectors: int = 32, cache_graphs: bool = False) -> None:
-        super().__init__(objective, max_vectors=max_vectors)
-        self._graphs: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] | None = {} if cache_graphs else None
+        super().__init__(objective, max_vectors=max_vectors, cache_graphs=cache_graphs)
 
     def _graph(self, x, key: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(θ leaf, outputs F with its graph, dummy cotangent u, Jᵀu with its graph) for a batch."""
-        if self._graphs is not None and key in self._graphs:
-            return self._graphs[key]
-        with torch.enable_grad():
-            theta = self.objective.theta.detach().requires_grad_(True)
-            out = self.objective.forward(theta, x)
-            u = torch.zeros_like(out, requires_grad=True)
-            (jtu,) = torch.autograd.grad(out, theta, grad_outputs=u, create_graph=True)
-        entry = (theta, out, u, jtu)
-        if self._graphs is not None and key is not None:
-            self._graphs[key] = entry
-        return entry
+        def build() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            with torch.enable_grad():
+                theta = self.objective.theta.detach().requires_grad_(True)
+                out = self.objective.forward(theta, x)
+                u = torch.zeros_like(out, requires_grad=True)
+                (jtu,) = torch.autograd.grad(out, theta, grad_outputs=u, create_graph=True)
+            return theta, out, u, jtu
+
+        return self._kept_graph(key, build)
 
     def _output_curvature(self, out: Tensor, y: Tensor, directions: Tensor) -> Tensor:
         """Λ w for each output-space direction w (one per row of ``directions``), Λ the per-sample
@@ -80,7 +74,7 @@ class GGNOperator(CurvatureOperator):
 
     def batch_product(self, rows: Tensor, x, y: Tensor, key: int | None) -> Tensor:
         theta, out, u, jtu = self._graph(x, key)
-        keep = self._graphs is not None and key is not None
+        keep = self._keeps_graphs(key)
         with torch.enable_grad():
             Jv = torch.stack([torch.autograd.grad(jtu, u, grad_outputs=v, retain_graph=True)[0] for v in rows])
         LJv = self._output_curvature(out, y, Jv)
@@ -89,15 +83,3 @@ class GGNOperator(CurvatureOperator):
             result = [torch.autograd.grad(out, theta, grad_outputs=w, retain_graph=keep or i < last)[0]
                       for i, w in enumerate(LJv)]
         return torch.stack(result)
-
-    @contextmanager
-    def cached_graphs(self) -> Iterator[GGNOperator]:
-        """Within this block, keep every chunk's graphs between products (see ``cache_graphs``)."""
-        outermost = self._graphs is None
-        if outermost:
-            self._graphs = {}
-        try:
-            yield self
-        finally:
-            if outermost:
-                self._graphs = None

@@ -23,12 +23,10 @@ pass and a double backward, for the memory of the graphs of all n samples.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
-from torch import Tensor
 import torch
+from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from ..errors import InputError
@@ -70,9 +68,8 @@ class HessianOperator(CurvatureOperator):
                  cache_graphs: bool = False) -> None:
         if mode not in HVP_MODES:
             raise InputError(f"mode must be one of {HVP_MODES}; got {mode!r}.")
-        super().__init__(objective, max_vectors=max_vectors)
+        super().__init__(objective, max_vectors=max_vectors, cache_graphs=cache_graphs)
         self.mode: HVPMode = mode
-        self._graphs: dict[int, tuple[Tensor, Tensor]] | None = {} if cache_graphs else None
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "hvp_mode": self.mode}
@@ -90,21 +87,20 @@ class HessianOperator(CurvatureOperator):
 
     def _gradient_graph(self, x: Tensor, y: Tensor, key: int | None) -> tuple[Tensor, Tensor]:
         """(θ leaf, ∇_θ Σ loss with its graph) for a batch, reused from the cache when kept."""
-        if self._graphs is not None and key in self._graphs:
-            return self._graphs[key]
-        with torch.enable_grad():
-            theta = self.objective.theta.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.objective.loss_sum(theta, x, y), theta, create_graph=True)
-        if self._graphs is not None and key is not None:
-            self._graphs[key] = (theta, g)
-        return theta, g
+        def build() -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                theta = self.objective.theta.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self.objective.loss_sum(theta, x, y), theta, create_graph=True)
+            return theta, g
+
+        return self._kept_graph(key, build)
 
     def _reverse_over_reverse(self, rows: Tensor, x: Tensor, y: Tensor, key: int | None) -> Tensor:
         """Rows v ↦ ∇²(Σ loss)·v by double backward through the batch's gradient graph."""
         theta, g = self._gradient_graph(x, y, key)
         if not g.requires_grad:  # loss is linear in θ: zero Hessian
             return torch.zeros_like(rows)
-        keep = self._graphs is not None and key is not None
+        keep = self._keeps_graphs(key)
         last = rows.shape[0] - 1
         with torch.enable_grad():
             out = [torch.autograd.grad(g, theta, grad_outputs=v, retain_graph=keep or i < last)[0]
@@ -126,16 +122,3 @@ class HessianOperator(CurvatureOperator):
             )
             self.mode = "reverse-over-reverse"
             return self._reverse_over_reverse(rows, x, y, key)
-
-    @contextmanager
-    def cached_graphs(self) -> Iterator[HessianOperator]:
-        """Within this block, keep every chunk's gradient graph between products (see
-        ``cache_graphs``); the graphs are dropped on exit unless the operator keeps them anyway."""
-        outermost = self._graphs is None
-        if outermost:
-            self._graphs = {}
-        try:
-            yield self
-        finally:
-            if outermost:
-                self._graphs = None

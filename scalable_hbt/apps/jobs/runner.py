@@ -54,7 +54,7 @@ from ...cache import digest, library_versions, objective_parts
 from ...cache.fingerprint import canonical, data_digest
 from ...data import DataSource
 from ...errors import InputError
-from ...files import atomic_write, remove_debris, write_json
+from ...files import atomic_write, file_sha256, remove_debris, write_json
 from ...log import logger, progress_bar
 from ...memory import format_bytes
 from ...methods import METHODS
@@ -348,14 +348,6 @@ def _record_path(folder: Path, method: str, chunk: int) -> Path:
     return folder / method / f"chunk-{chunk:06d}.json"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def chunk_problem(folder: Path, method: str, chunk: int, rows: tuple[int, int], key: str) -> str | None:
     """Why chunk ``chunk`` of ``method`` is not a valid result of the job ``key`` (``None``: it is)."""
     record_path = _record_path(folder, method, chunk)
@@ -372,7 +364,7 @@ def chunk_problem(folder: Path, method: str, chunk: int, rows: tuple[int, int], 
         return "belongs to another job"
     if record.get("rows") != list(rows):
         return f"holds rows {record.get('rows')}, not {list(rows)}"
-    if data.stat().st_size != record.get("bytes") or _sha256(data) != record.get("sha256"):
+    if data.stat().st_size != record.get("bytes") or file_sha256(data) != record.get("sha256"):
         return "does not match its recorded checksum (truncated or altered)"
     return None
 
