@@ -83,8 +83,9 @@ def tridiagonal(alphas: list[float], betas: list[float]) -> np.ndarray:
 
 def basis_size_for(m: int, basis_size: int | None = None) -> int:
     """Vectors the thick-restart Lanczos holds for m eigenpairs: ``basis_size`` or, by
-    default, m + max(10, m/2) (the peak memory of a top-m fit is this many M-vectors)."""
-    return basis_size or m + max(10, m // 2)
+    default, max(2m + 1, m + 10) — ARPACK's default for m ≥ 9, which keeps restarts few (the peak
+    memory of a top-m fit is this many M-vectors)."""
+    return basis_size or max(2 * m + 1, m + 10)
 
 
 class _Basis:
@@ -148,7 +149,7 @@ def lanczos_top(operator: LinearOperator, m: int, *, tol: float = 1e-10, max_ite
     """Top-m eigenpairs (algebraically largest first) of the symmetric ``operator`` A
     by thick-restart Lanczos (Wu & Simon 2000) with full reorthogonalisation.
 
-    At most ``basis_size`` vectors of length M are held (default m + max(10, m/2)), so the
+    At most ``basis_size`` vectors of length M are held (default max(2m + 1, m + 10)), so the
     memory is O(m·M) however many iterations convergence takes. Each step appends
     A q_j orthogonalised (twice) against the basis Q and records the projections as
     column j of T = QᵀAQ. When the basis is full, Rayleigh–Ritz on T keeps the leading
@@ -281,7 +282,7 @@ class LanczosCurvature(CurvatureBackend):
     max_iter:
         Operator products at most (default max(50, 20m)).
     basis_size:
-        Lanczos vectors held at once (default m + max(10, m/2)); memory is basis_size·M.
+        Lanczos vectors held at once (default max(2m + 1, m + 10)); memory is basis_size·M.
     seed:
         Seed of the start vector.
     method:
