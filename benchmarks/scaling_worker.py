@@ -80,7 +80,7 @@ def measure(op: str, M: int, n: int, batch_size: int, device: str) -> dict:
     actions = {
         "hvp": lambda: op_h.matvec(v),
         "lanczos": lambda: LanczosCurvature(m=20, max_iter=60, tol=1e-6).fit(op_h),
-        "lissa": lambda: LiSSACurvature(depth=20, batch_size=max(1, n // 4), seed=0, progress=False,
+        "lissa": lambda: LiSSACurvature(depth=20, batch_size=max(1, n // 4), deflate=0, seed=0, progress=False,
                                         warn_residual=None, estimate_residual=False).fit(op_h).solve(v[:, None], 1.0),
         "kfac": lambda: KFACCurvature().fit(op_h),
         "dense": lambda: DenseCurvature().fit(op_h),

@@ -58,6 +58,8 @@ class Toolbox:
         same = isinstance(cfg.inverse, str) and cfg.inverse == cfg.eigen and cfg.inverse_options == cfg.eigen_options
         self.eigen: CurvatureBackend | None = None if cfg.eigen is None else \
             self.inverse if same else make_backend(cfg.eigen, "eigen", dict(cfg.eigen_options))
+        if self.eigen is not None and self.eigen is not self.inverse:
+            self.inverse.accept_eigenpairs(self.eigen)
         self.cache = None if cache_dir is None else CurvatureCache(cache_dir)
         self._damping: float | None = None if cfg.damping == "auto" else float(cfg.damping)
         self._normalizers: dict[str, CurvatureBackend] = {}
@@ -162,6 +164,8 @@ class Toolbox:
         else:
             backend = self._normalizers.get(name) or make_backend(name, "inverse")
             self._normalizers[name] = backend
+        if self.eigen is not None:
+            backend.accept_eigenpairs(self.eigen)
         self._fit_backend(backend)
         return backend
 

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from scalable_hbt import DenseCurvature, HessianOperator, Toolbox
 from scalable_hbt.curvature.lissa import LiSSACurvature
 from scalable_hbt.errors import IndefiniteDampingError, SolverDivergenceError
-from conftest import brute_force_hessian, make_problem, training_tensors
+from conftest import brute_force_gradients, brute_force_hessian, make_problem, training_tensors
 
 N = 40
 
@@ -61,7 +61,7 @@ def test_stochastic_minibatches_plain_and_deflated_match_dense(fitted):
 def test_full_batch_recursion_plain_and_deflated_match_dense(fitted):
     """b = n: every step is the exact recursion (deterministic); auto scale from Lanczos."""
     kind, obj, op, dense, damping, V, ref = fitted
-    X_plain, d_plain = _run(op, V, damping, batch_size=N)
+    X_plain, d_plain = _run(op, V, damping, batch_size=N, deflate=0)
     X_defl, d_defl = _run(op, V, damping, batch_size=N, deflate=10)
     print(f"\n[{kind}] b=n  plain: err {_rel(X_plain, ref):.2e}, HVPs {d_plain['lissa_hvps']:.0f} + fit "
           f"{d_plain['fit_hvps']:.0f} | deflated: err {_rel(X_defl, ref):.2e}, HVPs {d_defl['lissa_hvps']:.0f} + fit "
@@ -89,8 +89,8 @@ def test_classic_stochastic_lissa_is_unbiased_and_repeats_average_noise():
     V = torch.randn(obj.num_params, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ref = dense.solve(V, damping)
     with pytest.warns(RuntimeWarning, match="estimated relative residual"):  # the noise is reported, not silent
-        one, _ = _run(op, V, damping, batch_size=N // 4, depth=100)
-    many, d = _run(op, V, damping, batch_size=N // 4, depth=100, repeats=8, warn_residual=None)
+        one, _ = _run(op, V, damping, batch_size=N // 4, depth=100, deflate=0)
+    many, d = _run(op, V, damping, batch_size=N // 4, depth=100, deflate=0, repeats=8, warn_residual=None)
     assert d["repeats"] == 8 and len(d["steps_run"]) == 8
     print(f"\n[mlp] classic LiSSA b=n/4: 1 run err {_rel(one, ref):.2e}, 8 runs err {_rel(many, ref):.2e}")
     assert _rel(many, ref) < 0.6 * _rel(one, ref)
@@ -126,7 +126,7 @@ def test_too_small_scale_raises_naming_a_scale():
     dense = DenseCurvature().fit(op)
     damping = -dense.min_eigenvalue() + 0.05
     lam_max = dense.eigh(1)[0].item()
-    lissa = LiSSACurvature(scale=0.1 * lam_max, batch_size=N, depth=500, progress=False).fit(op)
+    lissa = LiSSACurvature(scale=0.1 * lam_max, batch_size=N, depth=500, deflate=0, progress=False).fit(op)
     V = torch.randn(obj.num_params, 2, dtype=torch.float64)
     with pytest.raises(SolverDivergenceError, match=r"scale s = .*Use scale ≥ \d"):
         lissa.solve(V, damping)
@@ -173,3 +173,20 @@ def test_deflation_from_a_given_eigen_backend(fitted):
     assert given["fit_hvps"] < own["fit_hvps"]
     torch.testing.assert_close(torch.tensor(given["lambda_deflated"], dtype=torch.float64), dense.eigh(10)[0],
                                rtol=1e-12, atol=0)
+
+
+def test_toolbox_lissa_defaults_deflate_with_the_toolbox_eigenpairs():
+    """inverse="lissa" with defaults: ten deflated eigenpairs taken from the Toolbox's eigen backend
+    (no Lanczos run of LiSSA's own), full-batch steps, the automatic scale and depth."""
+    obj = make_problem("mlp", n=N)
+    Xt, yt = obj.train.take(range(4))
+    H, G = brute_force_hessian(obj), brute_force_gradients(obj, *training_tensors(obj))
+    damping = abs(min(torch.linalg.eigvalsh(H)[0].item(), 0.0)) + 0.1
+    Gt = brute_force_gradients(obj, Xt, yt)
+    reference = Gt @ torch.linalg.solve(H + damping * torch.eye(len(H), dtype=H.dtype), G.T) / N
+    tb = Toolbox(obj, damping=damping, inverse="lissa", eigen="lanczos")
+    I = tb.influence(Xt, yt)
+    assert tb.inverse.eigen is tb.eigen
+    d = tb.inverse.diagnostics
+    assert d["deflated"] == 10 and d["batch_size"] == N and d["lanczos_iterations"] is None
+    assert _rel(I, reference) <= 1e-4

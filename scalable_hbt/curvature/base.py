@@ -129,6 +129,10 @@ class CurvatureBackend(ABC):
         is this over n). Backends with a spectrum in hand override it without a solve."""
         return (G.T * self.solve(G.T, damping)).sum(dim=0)
 
+    def accept_eigenpairs(self, eigen: CurvatureBackend) -> None:
+        """Offered the Toolbox's eigen backend before fitting; a backend that can use top
+        eigenpairs (LiSSA's deflation) keeps it instead of computing its own. Default: ignore it."""
+
     def min_eigenvalue(self) -> float | None:
         """The most negative eigenvalue of C when the backend knows it exactly, else ``None``."""
         return None

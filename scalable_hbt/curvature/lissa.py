@@ -101,10 +101,10 @@ class LiSSACurvature(CurvatureBackend):
     The mini-batches:
 
     batch_size:
-        Samples b per mini-batch (default: the objective's ``batch_size``, at most n); drawn
-        afresh at every step, with replacement between steps, so E[h_j] follows the exact
-        recursion and averaging ``repeats`` is unbiased. ``batch_size = n`` makes every step
-        a full-data step (deterministic).
+        Samples b per mini-batch; ``None`` (default) is every training point, so every step is a
+        full-data step: deterministic, and the operator's cached graphs apply. With b < n the
+        mini-batches are drawn afresh at every step, with replacement between steps, so E[h_j]
+        follows the exact recursion and averaging ``repeats`` is unbiased.
     variance_reduction:
         Use the control variate H_B h − H_B h̃ + H h̃ for H h (an SVRG-style LiSSA): the
         mini-batch noise vanishes as h_j converges, so the recursion reaches the exact solve;
@@ -115,11 +115,15 @@ class LiSSACurvature(CurvatureBackend):
     The spectrum (estimated in ``fit``):
 
     deflate:
-        k, the number of top eigenpairs solved exactly (0: plain LiSSA).
+        k, the number of top eigenpairs solved exactly (default 10; 0: plain LiSSA).
     eigen:
         An eigen backend (e.g. the Toolbox's Lanczos or dense backend) whose top k + 1
         eigenpairs are used for the deflation and the scale instead of a Lanczos run of
-        LiSSA's own; its accuracy then governs the deflation.
+        LiSSA's own; its accuracy then governs the deflation. A Toolbox hands over its eigen
+        backend when this is unset (:meth:`accept_eigenpairs`).
+
+    The defaults — ten deflated eigenpairs, full-batch steps, the automatic scale and depth —
+    are the configuration measured best in ``benchmarks/RESULTS.md``.
     lanczos_tol:
         Relative Ritz-residual tolerance (relative to λ_max) of LiSSA's own eigenpairs. Keep it
         tight when one eigenvalue stands far above the rest: a loose tolerance stops Lanczos
@@ -145,7 +149,7 @@ class LiSSACurvature(CurvatureBackend):
     collective_solve = True
 
     def __init__(self, depth: int | None = None, batch_size: int | None = None, repeats: int = 1,
-                 scale: float | None = None, deflate: int = 0, seed: int = 0, *, target: float = 1e-3,
+                 scale: float | None = None, deflate: int = 10, seed: int = 0, *, target: float = 1e-3,
                  rtol: float | None = None,
                  variance_reduction: bool = False, estimate_residual: bool = True, warn_residual: float | None = 0.1,
                  lanczos_tol: float = 1e-10, check_curvature: bool = True, eigen: CurvatureBackend | None = None,
@@ -181,6 +185,12 @@ class LiSSACurvature(CurvatureBackend):
         self.fit_hvps = 0.0
         self.fit_diagnostics: dict[str, Any] = {}
 
+    def accept_eigenpairs(self, eigen: CurvatureBackend) -> None:
+        """Deflate with ``eigen``'s top eigenpairs instead of computing our own, unless an eigen
+        backend was given or there is nothing to deflate."""
+        if self.eigen is None and self.deflate > 0 and "eigen" in eigen.roles and not self.fitted:
+            self.eigen = eigen
+
     def fit_settings(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size, "scale": self.scale, "deflate": self.deflate, "seed": self.seed,
                 "lanczos_tol": self.lanczos_tol, "check_curvature": self.check_curvature, "eigen": self.eigen}
@@ -198,7 +208,7 @@ class LiSSACurvature(CurvatureBackend):
         self._mark_fitted(operator)
         M, n = operator.shape[0], operator.objective.n
         k = min(self.deflate, M - 1)
-        self.b = min(self.batch_size or operator.objective.batch_size, n)
+        self.b = min(self.batch_size or n, n)
         need_top = self.scale is None or k > 0
         lanczos_info: dict = {}
         if need_top and self.eigen is not None:
