@@ -113,6 +113,11 @@ class KFACFallbackWarning(UserWarning):
     """Some trainable parameters are not covered by Kronecker factors and use a diagonal."""
 
 
+class KFACTiedWeightWarning(KFACFallbackWarning):
+    """A factored layer's weight is tied to another parameter (an LM head sharing the token
+    embedding): its factors see this layer's use only, and the other use's curvature is left out."""
+
+
 @dataclass
 class _Layer:
     """One Kronecker-factored layer and where its parameters sit in the flat vector."""
@@ -292,6 +297,12 @@ class KFACCurvature(CurvatureBackend):
             o += numel
         covered: set[str] = set()
         self.layers = []
+        users: dict[int, list[tuple[str, nn.Module]]] = {}  # parameter → (name, owning module) of every use
+        for prefix, owner in obj.model.named_modules(remove_duplicate=False):
+            for leaf, p in owner._parameters.items():
+                if p is not None:
+                    users.setdefault(id(p), []).append((f"{prefix}.{leaf}" if prefix else leaf, owner))
+        tied: list[str] = []
         for mname, mod in obj.model.named_modules():
             transposed = _is_transposed_linear(mod)
             if isinstance(mod, nn.Linear) or transposed:
@@ -321,6 +332,17 @@ class KFACCurvature(CurvatureBackend):
             self.layers.append(_Layer(label, mod, kind, offsets[wname], offsets[bname] if has_b else None,
                                       out, d_w, transposed=transposed))
             covered.update([wname] + ([bname] if has_b else []))
+            others = [k for k, owner in users.get(id(mod.weight), []) if owner is not mod]
+            if others:  # the same tensor is a parameter of another module (a shared module is fine: hooked per call)
+                tied.append(f"{label!r} (its weight is also {', '.join(repr(k) for k in others)})")
+        if tied:
+            warnings.warn(
+                f"{self.name}: the weights of layer(s) {'; '.join(tied)} are tied to other modules' parameters; their "
+                "Kronecker factors describe the layer's own use only, and the curvature the other use contributes to "
+                "the same tensor (e.g. a token embedding's) is left out of the approximation. Prefer cg/lissa/lanczos "
+                "for such tensors, or leave them out with params=[...].",
+                KFACTiedWeightWarning, stacklevel=3,
+            )
         self.diag_names = [k for k in obj.param_names if k not in covered]
         idx = [torch.arange(*offsets[k]) for k in self.diag_names]
         self.diag_index = torch.cat(idx).to(obj.device) if idx else torch.zeros(0, dtype=torch.long, device=obj.device)
