@@ -6,15 +6,16 @@ model's own inputs, the loss written out, ``torch.autograd.functional.hessian`` 
 
 What is checked, per family (tolerances are relative Frobenius errors unless stated):
 
-* the dense oracle's Hessian and GGN equal the brute force (≤ 1e-9; measured ≤ 1e-15);
-* per-sample training gradients equal the brute force (≤ 1e-10);
-* dense influence equals the brute-force (1/n) g_tᵀ C_δ⁻¹ g_r (≤ 1e-9);
+* the dense oracle's Hessian and GGN equal the brute force (≤ 1e-9; measured ≤ 2.8e-15);
+* per-sample training gradients equal the brute force (≤ 1e-10; measured ≤ 1.7e-16);
+* dense influence equals the brute-force (1/n) g_tᵀ C_δ⁻¹ g_r (≤ 1e-9; measured ≤ 2.8e-15);
 * influence by cg (≤ 1e-10), full-batch deflated lissa (≤ 1e-8) and lowrank with m = M
   (≤ 1e-10) matches dense; LEES by lanczos matches dense (rtol 1e-9); RUE (bootstrap and
   analytic), self-influence and top-k by cg match the dense backend (rtol 1e-9);
 * K-FAC and EK-FAC are their own definition: Kronecker blocks from brute-force factors of every
-  factored layer, the exact GGN diagonal for every other studied tensor, plus wd·I (≤ 1e-9); and
-  EK-FAC is never farther than K-FAC from the dense GGN.
+  factored layer, the exact GGN diagonal for every other studied tensor, plus wd·I (≤ 1e-9;
+  measured ≤ 1.2e-15); and EK-FAC is never farther than K-FAC from the exact blocks, and — without
+  a tied weight — from the dense GGN.
 
 The battery of backends runs on one curvature per family (``FAST_CURVATURE``) — in the fast suite
 for GPT-2, the LSTM and the ResNet, under ``-m slow`` for BERT, ViT and the GRU — and on the other
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -57,8 +57,9 @@ N, BATCH = 8, 4  # training points, and samples per chunk (two chunks: the sums 
 @dataclass
 class Case:
     """A model family: the caller's model, the Objective on it, our reference, the data as we
-    built it (dicts, ``labels`` = targets) and as the library takes it (``lib_train`` /
-    ``lib_test`` argument tuples)."""
+    built it (dicts, ``labels`` = targets), the test points as the library's methods take them
+    (``lib_test``, an argument tuple), the curvature of its battery in the fast suite, its Conv2d
+    layers (for the brute-force K-FAC factors) and memoised results (``extra``)."""
 
     name: str
     model: nn.Module
@@ -391,7 +392,7 @@ def test_studied_parameters_are_ours(case):
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_dense_curvature_equals_brute_force(case, curvature):
-    """Measured: ≤ 1e-15 relative for every family on both curvatures."""
+    """Measured: ≤ 2.8e-15 relative for every family on both curvatures."""
     C = _dense_matrix(case.dense(curvature))
     ref = case.brute(curvature)
     assert relative(C, ref) <= 1e-9
@@ -407,7 +408,7 @@ def test_per_sample_gradients_and_losses_equal_brute_force(case):
 
 
 def test_dense_influence_equals_brute_force(case):
-    """(1/n) g_tᵀ (C + δI)⁻¹ g_r with C, g_t and g_r from the brute force (measured ≤ 1e-14)."""
+    """(1/n) g_tᵀ (C + δI)⁻¹ g_r with C, g_t and g_r from the brute force (measured ≤ 2.8e-15)."""
     curvature = case.fast_curvature
     tb = case.dense(curvature)
     C = case.brute(curvature)
@@ -424,8 +425,8 @@ LISSA = {"deflate": 8, "target": 1e-10, "lanczos_tol": 1e-12, "warn_residual": N
 def test_matrix_free_backends_match_dense(family, curvature):
     """cg ≤ 1e-10, full-batch deflated lissa ≤ 1e-8, lowrank (m = M) ≤ 1e-10 relative to dense
     influence; LEES by lanczos, RUE, self-influence and top-k by cg against the dense backend
-    (rtol 1e-9). Measured on the fast curvatures: cg ≤ 8e-14, lissa ≤ 7e-12, lowrank ≤ 1.2e-14,
-    LEES ≤ 6e-13, RUE ≤ 1.5e-13, self-influence ≤ 1.5e-14, top-k scores ≤ 8e-14."""
+    (rtol 1e-9). Measured over all families and both curvatures: cg ≤ 6.4e-14, lissa ≤ 2.6e-11,
+    lowrank ≤ 2.1e-14, LEES ≤ 5.1e-11, RUE ≤ 3.3e-13, self-influence ≤ 1.9e-14, top-k ≤ 7.8e-14."""
     case = _get(family)
     obj, args = case.objective, case.lib_test
     dense = case.dense(curvature)
@@ -561,7 +562,7 @@ def _kronecker_fits(case: Case) -> tuple[KFACCurvature, EKFACCurvature]:
 
 def test_kfac_and_ekfac_are_their_definition(case, kronecker):
     """Every studied Linear / Conv1D / Conv2d factored, every other studied tensor on the exact
-    GGN diagonal (measured ≤ 1e-15 relative)."""
+    GGN diagonal (measured ≤ 1.2e-15 relative)."""
     info, kfac, ekfac = kronecker
     assert sorted(layer.name for layer in kfac.layers) == sorted(k.removeprefix("inner.") for k in info)
     assert relative(kfac.dense_matrix(), _kfac_reference(case, info, False, kfac)) <= 1e-9
@@ -608,8 +609,8 @@ def test_ekfac_never_farther_than_kfac_from_the_ggn(case, kronecker):
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="K-FAC/EK-FAC factor GPT-2's tied LM head by its own use only; the token embedding's use "
-                   "is 72% of that tensor's GGN block (relative Frobenius), and against the whole block EK-FAC is "
-                   "farther than K-FAC (measured 4.0743 vs 4.0689; whole matrix 15.7162 vs 15.7148). The library "
+                   "is 55% of that tensor's GGN block (relative Frobenius), and against the whole block EK-FAC is "
+                   "farther than K-FAC (measured 1.9575 vs 1.9142; whole matrix 7.0879 vs 7.0760). The library "
                    "warns (KFACTiedWeightWarning); factoring both uses is not implemented.")
 def test_tied_weight_kronecker_error():
     case = _get("gpt2")
@@ -655,8 +656,8 @@ def _repad(batch: dict[str, Tensor], seed: int) -> dict[str, Tensor]:
 
 def _padding_invariance(case: Case, loss: str, params=None) -> tuple[list[Objective], list[Tensor]]:
     """Objectives on the case's training batch and on the repadded one; asserts that per-sample
-    losses and gradients, Hessian and GGN products, and the K-FAC matrix agree (≤ 1e-12; measured 0
-    or ≤ 1e-15)."""
+    losses and gradients, Hessian and GGN products, and the K-FAC matrix agree (≤ 1e-12; measured:
+    exactly equal), and the products equal the brute force (≤ 1e-10; measured ≤ 6.5e-16)."""
     other = _repad(case.train, seed=7)
     assert not torch.equal(other["input_ids"], case.train["input_ids"])
     objs = [Objective(case.model, loss, dict(batch), params=params, weight_decay=WD, batch_size=BATCH, dtype=F64,
@@ -684,7 +685,7 @@ def test_gpt2_padding_does_not_change_losses_gradients_or_curvature():
     matrix — while without the mask it would change the losses."""
     case = _get("gpt2")
     other = _repad(case.train, seed=7)
-    _, losses = _padding_invariance(case, "causal_lm", GPT2_PARAMS)
+    _padding_invariance(case, "causal_lm", GPT2_PARAMS)
     # the mask is what makes this so: the same counted targets, but every position attended to
     mask = case.train["attention_mask"]
     ignored = mask == 0
@@ -693,7 +694,7 @@ def test_gpt2_padding_does_not_change_losses_gradients_or_curvature():
                 for b in (case.train, other)]
     left = mask[:, 0] == 0
     change = (case.ref.losses(unmasked[1]) - case.ref.losses(unmasked[0]))[left].abs()
-    assert change.min() > 1e-5  # left-padded rows attend to the padding without the mask (measured ≥ 2e-4)
+    assert change.min() > 1e-6  # left-padded rows attend to the padding without the mask (measured ≥ 1e-4)
 
 
 def test_bert_padding_does_not_change_losses_gradients_or_curvature():
