@@ -317,7 +317,8 @@ class Objective:
 
         ``labels="true"`` uses the batch's targets; ``"predicted"`` the model's own at θ̃ (argmax
         over classes or tokens, the sign of a binary logit). Token targets at positions whose
-        ``attention_mask`` is 0 become the ignore index.
+        ``attention_mask`` is 0 become the ignore index, and for a shifted task (causal LM) so do
+        targets whose predicting position is masked.
         """
         x = map_tensors(lambda t: t.to(self.device, self.compute_dtype if t.is_floating_point() else t.dtype),
                         batch.x)
@@ -337,7 +338,12 @@ class Objective:
                 raise InputError(f"{what} has no targets; pass y or use labels='predicted'.")
             y = self._targets(batch.y.to(self.device), batch.start, what)
         if self.task.targets == "token" and isinstance(x, dict) and "attention_mask" in x:
-            y = y.masked_fill(x["attention_mask"] == 0, self.task.ignore_index)
+            masked = x["attention_mask"] == 0
+            s = self.task.shift
+            if s:  # the outputs at t − s predict the target at t: a masked predicting position ignores it too
+                masked = masked.clone()
+                masked[:, s:] |= masked[:, :-s].clone()
+            y = y.masked_fill(masked, self.task.ignore_index)
         return x, y
 
     def _targets(self, y: Tensor, start: int, what: str) -> Tensor:

@@ -111,6 +111,11 @@ class Task:
         The key holding the targets in dict batches (the rest are the model's keyword arguments).
     ignore_index:
         A target value the loss skips by design (tokens: −100); other values outside [0, C) are errors.
+    shift:
+        For token targets: the outputs at position t − shift predict the target at t (a causal
+        language model: 1). Targets at positions whose ``attention_mask`` is 0 are ignored, and
+        so are targets whose predicting position is masked (the first real token after left
+        padding), so that padding never changes the loss.
     """
 
     loss: LossFn
@@ -120,6 +125,7 @@ class Task:
     output: str | Callable[[Any], Tensor] | None = None
     target_key: str = "labels"
     ignore_index: int | None = None
+    shift: int = 0
 
     def __post_init__(self) -> None:
         if not callable(self.loss):
@@ -174,7 +180,7 @@ PRESETS: dict[str, Task] = {
     "mse": Task(mse, "real", "mse"),
     "bce": Task(bce, "binary", "bce"),
     "token_cross_entropy": Task(token_cross_entropy, "token", "token_cross_entropy", ignore_index=IGNORE_INDEX),
-    "causal_lm": Task(causal_lm_cross_entropy, "token", "causal_lm", ignore_index=IGNORE_INDEX),
+    "causal_lm": Task(causal_lm_cross_entropy, "token", "causal_lm", ignore_index=IGNORE_INDEX, shift=1),
 }
 _ALIASES = {"ce": "cross_entropy", "crossentropy": "cross_entropy", "nll": "cross_entropy",
             "mean_squared_error": "mse", "l2": "mse"}

@@ -214,7 +214,7 @@ def objective_parts(objective: Objective) -> dict:
                  "measurement": None if task.measurement is None else callable_digest(task.measurement),
                  "output": task.output if task.output is None or isinstance(task.output, str)
                  else callable_digest(task.output),
-                 "target_key": task.target_key, "ignore_index": task.ignore_index},
+                 "target_key": task.target_key, "ignore_index": task.ignore_index, "shift": task.shift},
         "model": {
             "theta": tensor_summary(objective.theta),
             "param_names": list(objective.param_names),

@@ -13,7 +13,7 @@ from ..errors import InputError
 from .base import CurvatureBackend, State, UnsupportedOperation
 from .cg import CGCurvature
 from .dense import DenseCurvature
-from .kfac import EKFACCurvature, KFACCurvature, KFACFallbackWarning
+from .kfac import EKFACCurvature, KFACCurvature, KFACFallbackWarning, KFACTiedWeightWarning
 from .lanczos import LanczosCurvature, lanczos_top, smallest_eigenvalue
 from .lissa import LiSSACurvature
 from .lowrank import LowRankCurvature
@@ -64,5 +64,5 @@ def make_backend(name: str | CurvatureBackend, role: str, options: dict[str, Any
 
 __all__ = ["CurvatureBackend", "State", "UnsupportedOperation", "BACKENDS", "ROLES", "backend_names",
            "check_backend_options", "make_backend", "DenseCurvature", "CGCurvature", "LiSSACurvature",
-           "KFACCurvature", "EKFACCurvature", "KFACFallbackWarning", "LanczosCurvature", "LowRankCurvature",
-           "lanczos_top", "smallest_eigenvalue"]
+           "KFACCurvature", "EKFACCurvature", "KFACFallbackWarning", "KFACTiedWeightWarning", "LanczosCurvature",
+           "LowRankCurvature", "lanczos_top", "smallest_eigenvalue"]

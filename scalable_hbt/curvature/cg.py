@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import IndefiniteDampingError, InputError
+from ..errors import IndefiniteDampingError, InputError, SolverDivergenceError
 from ..operators import CurvatureOperator, LinearOperator
 from ..validation import check_integer, check_number
 from .base import CurvatureBackend, State
@@ -42,7 +42,9 @@ def conjugate_gradients(operator: LinearOperator, B: Tensor, shift: float, *, rt
     per iteration on the unconverged columns.
 
     Returns X and ``{"iterations", "max_relative_residual", "converged"}``; raises
-    :class:`IndefiniteDampingError` (``evidence="bound"``) on a direction of non-positive curvature.
+    :class:`IndefiniteDampingError` (``evidence="bound"``) on a direction of non-positive curvature,
+    :class:`SolverDivergenceError` when a product is not finite (it would otherwise end the
+    column as if converged).
     """
     X = torch.zeros_like(B)
     R = B.clone()
@@ -58,6 +60,12 @@ def conjugate_gradients(operator: LinearOperator, B: Tensor, shift: float, *, rt
         Pa = P[:, idx]
         AP = operator.matmat(Pa).add_(Pa, alpha=shift)
         curvature = (Pa * AP).sum(0)
+        if not torch.isfinite(curvature).all():
+            j = int((~torch.isfinite(curvature)).nonzero()[0])
+            raise SolverDivergenceError(
+                f"{where}: the curvature product of column {int(idx[j])} is not finite (inf or NaN) at iteration "
+                f"{it + 1}: the products overflow (half-precision compute_dtype?) or the model produces non-finite "
+                "values; use compute_dtype=torch.bfloat16 or float32, or check the model.")
         bad = curvature <= 0
         if bad.any():
             j = int(bad.nonzero()[0])

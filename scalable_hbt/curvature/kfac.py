@@ -49,7 +49,9 @@ output positions for a convolution, KFC) and δ_{n,c,t} ∈ R^{out} the output g
     G = \\frac{1}{n} \\sum_{n,c,t} δ_{n,c,t} δ_{n,c,t}^T \\;(out×out), \\qquad
     F ≈ G ⊗ A
 
-(A averaged over positions, G summed, as in KFC; for T = 1 this is plain K-FAC). The
+(A averaged over positions, G summed, as in KFC; for T = 1 this is plain K-FAC). For token
+sequences with an ``attention_mask`` the average runs over each sample's unmasked positions
+(T_n of them), so padding never enters A. The
 per-sample gradient of the layer for output direction c is ∇W̃_{n,c} = Σ_t δ_{n,c,t} ã_{n,t}ᵀ,
 so the exact GGN block is F = (1/n) Σ_{n,c} vec(∇W̃_{n,c}) vec(∇W̃_{n,c})ᵀ.
 
@@ -111,6 +113,11 @@ Unsupported = Literal["error", "diagonal"]
 
 class KFACFallbackWarning(UserWarning):
     """Some trainable parameters are not covered by Kronecker factors and use a diagonal."""
+
+
+class KFACTiedWeightWarning(KFACFallbackWarning):
+    """A factored layer's weight is tied to another parameter (an LM head sharing the token
+    embedding): its factors see this layer's use only, and the other use's curvature is left out."""
 
 
 @dataclass
@@ -292,6 +299,12 @@ class KFACCurvature(CurvatureBackend):
             o += numel
         covered: set[str] = set()
         self.layers = []
+        users: dict[int, list[tuple[str, nn.Module]]] = {}  # parameter → (name, owning module) of every use
+        for prefix, owner in obj.model.named_modules(remove_duplicate=False):
+            for leaf, p in owner._parameters.items():
+                if p is not None:
+                    users.setdefault(id(p), []).append((f"{prefix}.{leaf}" if prefix else leaf, owner))
+        tied: list[str] = []
         for mname, mod in obj.model.named_modules():
             transposed = _is_transposed_linear(mod)
             if isinstance(mod, nn.Linear) or transposed:
@@ -321,6 +334,17 @@ class KFACCurvature(CurvatureBackend):
             self.layers.append(_Layer(label, mod, kind, offsets[wname], offsets[bname] if has_b else None,
                                       out, d_w, transposed=transposed))
             covered.update([wname] + ([bname] if has_b else []))
+            others = [k for k, owner in users.get(id(mod.weight), []) if owner is not mod]
+            if others:  # the same tensor is a parameter of another module (a shared module is fine: hooked per call)
+                tied.append(f"{label!r} (its weight is also {', '.join(repr(k) for k in others)})")
+        if tied:
+            warnings.warn(
+                f"{self.name}: the weights of layer(s) {'; '.join(tied)} are tied to other modules' parameters; their "
+                "Kronecker factors describe the layer's own use only, and the curvature the other use contributes to "
+                "the same tensor (e.g. a token embedding's) is left out of the approximation. Prefer cg/lissa/lanczos "
+                "for such tensors, or leave them out with params=[...].",
+                KFACTiedWeightWarning, stacklevel=3,
+            )
         self.diag_names = [k for k in obj.param_names if k not in covered]
         idx = [torch.arange(*offsets[k]) for k in self.diag_names]
         self.diag_index = torch.cat(idx).to(obj.device) if idx else torch.zeros(0, dtype=torch.long, device=obj.device)
@@ -347,9 +371,14 @@ class KFACCurvature(CurvatureBackend):
         return handles
 
     def _pass(self, obj: Objective, visit) -> None:
-        """Stream the training data; for each chunk call ``visit(layer, ã (B,T,d_in), δ (R,B,T,out))``
-        for every layer (one forward, R = rank of the output Hessian backward passes), and
-        accumulate the fallback diagonal when there are fallback parameters."""
+        """Stream the training data; for each chunk call ``visit(layer, ã (B,T,d_in), δ (R,B,T,out),
+        counts (B,))`` for every layer (one forward, R = rank of the output Hessian backward passes),
+        and accumulate the fallback diagonal when there are fallback parameters.
+
+        Padding: for dict inputs with an ``attention_mask`` (B, T), a layer applied position-wise
+        to the T tokens has ã zeroed at masked positions and ``counts`` = the unmasked positions of
+        each sample (else T): A averages over real tokens only. (δ is zero there anyway: nothing
+        the loss reads depends on a masked position.)"""
         handles = self._hooks()
         try:
             for _, x, y in obj.batches(obj.train, desc=f"{self.name} factors" if obj.progress else None):
@@ -366,15 +395,22 @@ class KFACCurvature(CurvatureBackend):
                     gs = torch.autograd.grad(out, tensors, grad_outputs=b[c], retain_graph=c < b.shape[0] - 1,
                                              allow_unused=True)
                     per_c.append([torch.zeros_like(t) if g is None else g for g, t in zip(gs, tensors)])
+                mask = x.get("attention_mask") if isinstance(x, dict) else None
                 i = 0
                 for layer in self.layers:
-                    a_parts, d_parts = [], []
+                    a_parts, d_parts, counts = [], [], 0
                     for a, _ in layer.calls:
                         d_parts.append(torch.stack([_output_grads(pc[i], layer.kind) for pc in per_c]).to(_F64))
+                        if mask is not None and layer.kind == "linear" and a.shape[:2] == mask.shape:
+                            keep = (mask != 0).to(_F64)
+                            a = a * keep.unsqueeze(2)
+                            counts = counts + keep.sum(1)
+                        else:
+                            counts = counts + a.new_full((a.shape[0],), a.shape[1])
                         a_parts.append(a)
                         i += 1
                     if a_parts:  # several calls of a shared layer: their positions are concatenated
-                        visit(layer, torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2))
+                        visit(layer, torch.cat(a_parts, dim=1), torch.cat(d_parts, dim=2), counts.clamp_min(1))
                     layer.calls = []
                 if self.diag_index.numel():
                     self._accumulate_diag(obj, x, b)
@@ -406,8 +442,8 @@ class KFACCurvature(CurvatureBackend):
             layer.G = torch.zeros(layer.out, layer.out, dtype=_F64, device=dev)
         self.diag = torch.zeros(self.diag_index.numel(), dtype=_F64, device=dev)
 
-        def factors(layer: _Layer, a: Tensor, d: Tensor) -> None:
-            layer.A += torch.einsum("bti,btj->ij", a, a) / a.shape[1]
+        def factors(layer: _Layer, a: Tensor, d: Tensor, counts: Tensor) -> None:
+            layer.A += torch.einsum("bti,btj,b->ij", a, a, 1.0 / counts)
             layer.G += torch.einsum("cbti,cbtj->ij", d, d)
 
         self._pass(obj, factors)
@@ -429,7 +465,7 @@ class KFACCurvature(CurvatureBackend):
             for layer in self.layers:
                 layer.S = torch.zeros_like(layer.S)
 
-            def corrected(layer: _Layer, a: Tensor, d: Tensor) -> None:
+            def corrected(layer: _Layer, a: Tensor, d: Tensor, counts: Tensor) -> None:
                 ar = a @ layer.QA                                   # (B, T, d_in)
                 dr = d @ layer.QG                                   # (R, B, T, out)
                 # rotated per-sample gradients, a few samples at a time: (R, s, out, d_in) ≤ 2²⁵ numbers

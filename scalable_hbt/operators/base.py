@@ -120,10 +120,18 @@ class CurvatureOperator(ABC):
 
     # ------------------------------------------------------------------ products
     def _rows_product(self, rows: Tensor, x: Tensor, y: Tensor, key: int | None = None) -> Tensor:
-        """:meth:`batch_product` on at most ``max_vectors`` rows at a time."""
+        """:meth:`batch_product` on at most ``max_vectors`` rows at a time. Under a float16
+        compute dtype every row is scaled to unit norm first and the product scaled back (C is
+        linear): float16 overflows above 65504, and a product with a gradient-sized vector would."""
+        scale = None
+        if self.objective.compute_dtype == torch.float16:
+            scale = rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+            rows = rows / scale
         if rows.shape[0] <= self.max_vectors:
-            return self.batch_product(rows, x, y, key)
-        return torch.cat([self.batch_product(block, x, y, key) for block in rows.split(self.max_vectors)])
+            out = self.batch_product(rows, x, y, key)
+        else:
+            out = torch.cat([self.batch_product(block, x, y, key) for block in rows.split(self.max_vectors)])
+        return out if scale is None else out * scale
 
     def _as_columns(self, V: Tensor) -> tuple[Tensor, bool]:
         M = self.shape[0]
