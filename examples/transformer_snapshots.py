@@ -252,6 +252,21 @@ def phase_accuracy(model: torch.nn.Module, data: Snapshots) -> float:
     return float((predicted == phase_token(data.v1)).mean())
 
 
+def comparison_subset(heldout: Snapshots, per_v1: int, count: int) -> np.ndarray:
+    """One held-out snapshot per training V1 (the first ``count`` V1), each a (token, configuration)
+    not picked before where the V1 offers one: deep in CDW-I most snapshots are the same Néel
+    state, and identical inputs would give identical rows."""
+    seen: set[tuple[int, ...]] = set()
+    pick = []
+    for start in range(0, len(heldout), per_v1)[:count]:
+        rows = range(start, min(start + per_v1, len(heldout)))
+        keys = {i: (int(heldout.token[i]), *heldout.occupations[i].tolist()) for i in rows}
+        i = next((i for i in rows if keys[i] not in seen), start)
+        seen.add(keys[i])
+        pick.append(i)
+    return np.array(pick)
+
+
 def symmetry_classes(occupations: np.ndarray) -> np.ndarray:
     """A label per configuration shared by its translations and reflections on the ring (the
     ground state gives them equal Born probabilities)."""
@@ -357,7 +372,8 @@ def run(cfg: Config) -> dict[str, Any]:
     infl_full = phases("ekfac influence (all blocks)", lambda: to_numpy(tb_full.influence(held)))
     self_infl = phases("ekfac self-influence", lambda: to_numpy(tb_full.self_influence()))
 
-    # ---- the selected block: EK-FAC against exact CG on its GGN, at two dampings
+    # ---- the selected block: EK-FAC against exact CG on its GGN, at two dampings, on the same
+    # subset of test snapshots
     block = Objective(model, task, data, weight_decay=cfg.weight_decay, batch_size=cfg.hessian_batch,
                       params=projection_patterns([k_block]), dtype=dtype, progress=cfg.progress)
     ekfac_b = EKFACCurvature()
@@ -368,8 +384,7 @@ def run(cfg: Config) -> dict[str, Any]:
     phases("ekfac fit (block)", lambda: ekfac_b.fit(operator_b))
     phases("lanczos top-m (block)", lambda: lanczos.fit(operator_b))
     delta_b = cfg.damping_fraction * largest_eigenvalue(ekfac_b)
-    # one test snapshot per training V1 (the first n_compare V1), the same for every backend
-    pick = np.arange(0, len(heldout), cfg.heldout_per_v1)[: cfg.n_compare]
+    pick = comparison_subset(heldout, cfg.heldout_per_v1, cfg.n_compare)
     compare = heldout.subset(pick).batch()
 
     def compare_rows(exact: np.ndarray, approx: np.ndarray) -> dict[str, Any]:

@@ -197,3 +197,12 @@ def test_output_hessian_factors_of_a_causal_lm_are_exact_and_as_many_as_the_rank
         H = torch.autograd.functional.hessian(loss, out[i]).reshape(out[i].numel(), -1)
         bi = b[:, i].reshape(b.shape[0], -1)
         assert torch.allclose(bi.T @ bi, H, atol=1e-12, rtol=1e-10)
+
+
+def test_comparison_subset_prefers_configurations_not_yet_picked():
+    occ = np.array([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 0]])
+    v1 = np.array([2.0, 2.0, 3.0, 3.0, 4.0, 4.0])
+    none = np.zeros(6, dtype=bool)
+    held = transformer_snapshots.Snapshots(occ, v1, transformer_snapshots.phase_token(v1), none, none)
+    assert transformer_snapshots.comparison_subset(held, 2, 3).tolist() == [0, 3, 4]  # V1 = 4 offers nothing new
+    assert transformer_snapshots.comparison_subset(held, 2, 2).tolist() == [0, 3]
