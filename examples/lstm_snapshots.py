@@ -6,9 +6,9 @@ Data. Exact-diagonalisation ground states of the half-filled spinless Fermi–Hu
 (``scalable_hbt.physics.ground_states``, L = 12) at V1 on both sides of the transition; a
 snapshot is one projective measurement of all L occupations, a Fock state n drawn with the Born
 probability |ψ(n)|², labelled by the phase of its V1 (Luttinger liquid for V1 ≤ 1, CDW-I
-above). One snapshot is not always enough to tell the phase (a Néel configuration 1010… has
-probability 0.03 at V1 = 0 and 0.6 at V1 = 2.5), so the classifier is uncertain near the
-transition, as RUE should show.
+above). One snapshot is not always enough to tell the phase (the two Néel configurations 1010…
+and 0101… together have probability 0.03 at V1 = 0 and 0.6 at V1 = 2.5), so the classifier is
+uncertain near the transition, as RUE should show.
 
 Model. ``nn.LSTM`` (one layer) reads the occupations ±1 site by site; a linear head on its
 last hidden state gives the two phase logits. Trained in float64 with Adam on the cross-entropy
