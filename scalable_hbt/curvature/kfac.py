@@ -24,8 +24,9 @@ The output-Hessian square root b_{n,c} is exact (no label sampling):
   c = 1..C. The GGN of softmax cross-entropy *is* the true ("type-2") Fisher, here with
   the exact expectation over the model's predictive distribution instead of sampled labels;
 * mse (our per-sample loss is the *mean* over the K outputs): Λ = (2/K) I, b_k = √(2/K) e_k;
-* a callable loss: Λ_n from ``torch.func.hessian`` per sample, eigendecomposed, negative
-  eigenvalues clipped to zero (b = √max(μ, 0) u).
+* a callable loss: Λ_n from ``torch.func.hessian`` per sample, eigendecomposed, eigenvalues
+  below K·eps·max|μ| (negative ones included) set to zero (b = √μ u); factors that are zero for
+  every sample of a chunk are dropped, so a chunk costs rank(Λ) backward passes, not K.
 
 "Output gradients" below are δ_{n,c} = J_nᵀ-backpropagated b_{n,c}, i.e. the gradient of
 b_{n,c}ᵀ f(x_n) with respect to a layer's pre-activation output s.
@@ -251,7 +252,15 @@ def output_hessian_sqrt(objective: Objective, out: Tensor, y: Tensor) -> Tensor:
 
         Lam = vmap(torch.func.hessian(one))(flat, y)                          # (B, K, K)
         mu, U = torch.linalg.eigh(0.5 * (Lam + Lam.transpose(1, 2)))
-        b = (U * mu.clamp_min(0).sqrt().unsqueeze(1)).permute(2, 0, 1)         # (K, B, K)
+        # eigenvalues below the decomposition's rounding level K·eps·max|μ| are zero (as matrix_rank
+        # counts them); a factor that is zero for every sample of the chunk adds nothing to Λ but
+        # would cost a backward pass, so it is dropped: token losses have rank (T − 1)(V − 1) of
+        # K = T·V (softmax's constant direction, positions without a target)
+        tol = K * torch.finfo(mu.dtype).eps * mu.abs().amax(dim=1, keepdim=True)
+        mu = torch.where(mu > tol, mu, torch.zeros_like(mu))
+        keep = (mu > 0).any(dim=0)
+        keep[-1] = True                                                       # at least one factor
+        b = (U[:, :, keep] * mu[:, keep].sqrt().unsqueeze(1)).permute(2, 0, 1)  # (R ≤ K, B, K)
     return b.reshape(b.shape[0], B, *out.shape[1:]).contiguous()
 
 
