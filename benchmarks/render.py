@@ -168,10 +168,10 @@ def peers_section(ctx: Context, data: dict) -> list[str]:
                "ours is faster / more accurate. Skipped combinations (a peer that does not support Conv1d) are "
                "listed by pytest as skips.")
     out.append("")
-    out += _table(["model", "peer", "quantity", "time ours / peer", "min–max", "error ours", "error peer",
+    out += _table(["model", "peer", "quantity", "time ours / peer", "min–max", "rounds", "error ours", "error peer",
                    "error ours / peer", "note"],
                   [[r["model"], r["peer"], r["quantity"], r["time_ratio"],
-                    f"{fmt(r['time_ratio_lo'])}–{fmt(r['time_ratio_hi'])}", r["ours_error"], r["peer_error"],
+                    f"{fmt(r['time_ratio_lo'])}–{fmt(r['time_ratio_hi'])}", r["rounds"], r["ours_error"], r["peer_error"],
                     r["error_ratio"], r["note"]] for r in rows])
     return out
 
@@ -277,7 +277,8 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     ctx = Context(data, command, outcome, wall)
     out = ["# Benchmark results", ""]
     out.append(f"- Command: `{command}`")
-    out.append(f"- Mode: {ctx.mode}" + (" (a ≤ 15-minute smoke run: one round per timing, reduced sizes)"
+    out.append(f"- Mode: {ctx.mode}" + (" (a ≤ 15-minute run: reduced sizes, every time ratio the median of "
+                                        "5 interleaved rounds)"
                                         if ctx.mode == "quick" else ""))
     out.append(f"- Machine: {ctx.machine}")
     out.append(f"- Date: {ctx.date}")
