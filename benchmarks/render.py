@@ -260,6 +260,111 @@ def engine_section(ctx: Context, data: dict) -> list[str]:
     return out
 
 
+def _spread(r: dict) -> str:
+    return f"{fmt(r.get('lo'))}–{fmt(r.get('hi'))}"
+
+
+def _goal(r: dict | None) -> str:
+    if r is None or r.get("pass") is None:
+        return "—"
+    return "met" if r["pass"] else "**not met**"
+
+
+def workloads_section(ctx: Context, data: dict) -> list[str]:
+    """HVP against the peers on the 2D CNN with pooling and the GPT-2 block (``test_hvp_workloads.py``)."""
+    ex = _extras(data, "workload")
+    if not ex:
+        return []
+    out = ["## 5b. HVP on more workloads, peers side by side", "", ctx.stamp(), ""]
+    out.append("Full-data HVP in units of one full-data gradient (median over interleaved rounds; min–max of the "
+               "ratio to the fastest peer beside it), float32, one thread. Ours = HessianOperator's default mode; "
+               "fwd-over-rev shown for information. Goal: ours ≤ the fastest peer. k = 32: time of one H V product "
+               "with 32 columns per vector, in gradients; goal ours ≤ curvlinops. Peer error: ‖H v − H_ours v‖ / "
+               "‖H_ours v‖ against the workload's reference (the torch.func brute force on the raw module where "
+               "listed, else ours).")
+    out.append("")
+    hvp, k32 = {}, {}
+    for e in ex:
+        name = e["workload"]["model"]
+        for r in e.get("rows", []):
+            if r.get("table") in ("hvp", "hvp_goal"):
+                hvp.setdefault(name, {"info": e["workload"], "peers": e.get("peers", {}),
+                                      "errors": e.get("peer_errors", {}), "reference": e.get("reference")})
+                hvp[name][r["table"] if r["table"] == "hvp_goal" else r["implementation"]] = r
+            elif r.get("table") in ("k32", "k32_goal"):
+                k32.setdefault(name, {"n": e["workload"]["n"]})[r["table"] if r["table"] == "k32_goal" else r["implementation"]] = r
+
+    def val(d: dict, key: str) -> Any:
+        if key in d:
+            return d[key]["value"]
+        status = d.get("peers", {}).get(key.split()[0], "")
+        return "n/a" if status.startswith("not applicable") else "—"
+
+    rows = []
+    for name, d in hvp.items():
+        goal = d.get("hvp_goal")
+        rows.append([name, d["info"]["M"], d["info"]["n"], val(d, "ours"), val(d, "ours fwd-over-rev"),
+                     val(d, "curvlinops"), val(d, "pyhessian"), val(d, "torch.func reference"),
+                     goal["value"] if goal else "—", _spread(goal) if goal else "—",
+                     goal["rounds"] if goal else "—", _goal(goal)])
+    out += _table(["workload", "M", "n", "ours", "ours fwd-over-rev", "curvlinops", "PyHessian", "torch.func reference",
+                   "ours / fastest peer", "min–max", "rounds", "goal ours ≤ fastest peer"], rows)
+    rows = []
+    for name, d in k32.items():
+        goal = d.get("k32_goal")
+        rows.append([name, d["n"], d["ours"]["value"] if "ours" in d else "—",
+                     d["curvlinops"]["value"] if "curvlinops" in d else "—", goal["value"] if goal else "—",
+                     _spread(goal) if goal else "—", goal["rounds"] if goal else "—", _goal(goal),
+                     goal.get("rel_error") if goal else None])
+    out += _table(["workload", "n", "k=32 ours per vector (gradients)", "k=32 curvlinops per vector", "time ours / curvlinops",
+                   "min–max", "rounds", "goal ours ≤ curvlinops", "curvlinops error vs ours"], rows)
+    notes = []
+    for name, d in hvp.items():
+        for peer, why in d["peers"].items():
+            if why != "ok":
+                notes.append(f"- {name}: {peer} {why}.")
+        for peer, err in d["errors"].items():
+            notes.append(f"- {name}: {peer}'s H·v against {d['reference']}: relative error {fmt(err)}.")
+    checks = [c for e in ex for c in e.get("checks", [])]
+    out += notes + [""] if notes else []
+    out += _table(["workload", "comparison (asserted)", "‖a − b‖ / ‖b‖", "tolerance", "ok"],
+                  [[c["model"], c["what"], c["rel_diff"], c["tol"], "yes" if c["ok"] else "**NO**"] for c in checks])
+    return out
+
+
+def _hvps(r: dict) -> str:
+    lo, hi = r.get("hvps_range") or (r["hvps"], r["hvps"])
+    return fmt(r["hvps"]) + ("" if lo == hi else f" ({fmt(lo)}–{fmt(hi)})")
+
+
+def eigen_section(ctx: Context, data: dict) -> list[str]:
+    """Top eigenpairs (ours vs ARPACK vs LOBPCG) and block CG (``test_eigen.py``)."""
+    ex = _extras(data, "eigen")
+    rows = [r for e in ex for r in e.get("rows", [])]
+    if not rows:
+        return []
+    out = ["## 5c. Eigenpairs and many right-hand sides on the same operator", "", ctx.stamp(), ""]
+    probs = {e["problem"]["model"]: e["problem"] for e in ex}
+    out.append("Paper CNN (random init), float64, " + "; ".join(f"{k}: M = {p['M']:,}, n = {p['n']}, wd = {p['weight_decay']:g}"
+                                                             for k, p in probs.items())
+               + ". Each solver on a fresh HessianOperator (reverse-over-reverse, graphs not kept), which counts the "
+               "HVPs (a k-column product counts k). Residual: max_i ‖H y_i − θ_i y_i‖ / |θ_1| from one exact product "
+               "after the run; equal accuracy means ≤ 1e-8 for every solver.")
+    out.append("")
+    eig = [r for r in rows if r.get("table") == "eigen"]
+    out += _table(["problem", "solver", "HVPs", "HVPs / ARPACK", "wall / ARPACK", "min–max", "rounds",
+                   "max rel. residual", "goal", "result"],
+                  [[r["model"], r["solver"], _hvps(r), r["hvps_vs_arpack"], r["value"], _spread(r), r["rounds"],
+                    r["residual"], r.get("target") or "", _goal(r)] for r in eig])
+    cg = [r for r in rows if r.get("table") == "cg"]
+    out += _table(["problem", "quantity", "wall per RHS / single", "min–max", "rounds", "HVPs block (32 RHS)",
+                   "HVPs single", "HVP-equivalents per RHS / single", "iterations block / single", "goal", "result"],
+                  [[r["model"], r["quantity"], r["value"], _spread(r), r["rounds"], r["hvps_block"], r["hvps_single"],
+                    r["hvps_per_rhs_vs_single"], f"{r['iterations_block']} / {r['iterations_single']}",
+                    r.get("target") or "", _goal(r)] for r in cg])
+    return out
+
+
 def separate_runs_section() -> list[str]:
     """Pointers to the measurements too long for this suite (each file names its own command,
     machine and date)."""
@@ -287,7 +392,8 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     if plots:
         out.append("- Plots: " + ", ".join(f"`{p}`" for p in plots))
     out.append("")
-    for section in (accuracy_section, peers_section, scaling_section, limit_section, engine_section):
+    for section in (accuracy_section, peers_section, scaling_section, limit_section, engine_section,
+                    workloads_section, eigen_section):
         out += section(ctx, data)
     out += separate_runs_section()
     return "\n".join(out)

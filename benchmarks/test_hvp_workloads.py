@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from harness import Interleaved, Rows, from_list_format, peer_status
-from settings import rounds
+from settings import QUICK, rounds
 from workloads import WORKLOADS, Workload
 
 from scalable_hbt import HessianOperator
@@ -26,6 +26,14 @@ FWD = "ours fwd-over-rev"
 @pytest.fixture(scope="module", params=list(WORKLOADS))
 def workload(request) -> Workload:
     return WORKLOADS[request.param]()
+
+
+@pytest.fixture(scope="module", params=list(WORKLOADS))
+def matmat_workload(request) -> Workload:
+    """The workload for the k = 32 products: in quick mode with a quarter of the data (the
+    32-column products of both implementations take minutes per round at full size)."""
+    make = WORKLOADS[request.param]
+    return make(quick=True) if QUICK else make()
 
 
 def _vector(M: int, k: int | None = None, seed: int = 0) -> torch.Tensor:
@@ -105,9 +113,9 @@ def test_workload_hvp(benchmark, workload):
     rows.assert_checks()
 
 
-def test_workload_matmat(benchmark, workload):
+def test_workload_matmat(benchmark, matmat_workload):
     """H V for V (M, 32): per-vector time of ours and curvlinops, in gradients and per single HVP."""
-    w = workload
+    w = matmat_workload
     obj = w.objective
     V = _vector(obj.num_params, K, seed=1)
     v = V[:, 0].contiguous()

@@ -75,7 +75,9 @@ def pooled_cnn2d() -> nn.Module:
     )
 
 
-def cnn2d_pool_workload(n: int = 512, batch_size: int = 128) -> Workload:
+def cnn2d_pool_workload(quick: bool = False) -> Workload:
+    """n = 512 in chunks of 128 (``quick``: n = 128, one chunk)."""
+    n, batch_size = (128, 128) if quick else (512, 128)
     torch.manual_seed(0)
     model = pooled_cnn2d().float().eval()
     gen = torch.Generator().manual_seed(1)
@@ -101,7 +103,9 @@ class _ShiftedLogits(nn.Module):
         return logits[:, :-1].reshape(-1, logits.shape[-1])
 
 
-def gpt2_block_workload(n: int = 64, seq_len: int = 32, batch_size: int = 32) -> Workload:
+def gpt2_block_workload(quick: bool = False) -> Workload:
+    """n = 64 sequences of 32 tokens in chunks of 32 (``quick``: n = 32, one chunk)."""
+    n, seq_len, batch_size = (32, 32, 32) if quick else (64, 32, 32)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -150,5 +154,5 @@ def gpt2_block_workload(n: int = 64, seq_len: int = 32, batch_size: int = 32) ->
                                               "calls inputs.size(0)) and every parameter of the model"})
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {"cnn2d_pool_282k": cnn2d_pool_workload,
+WORKLOADS: dict[str, Callable[..., Workload]] = {"cnn2d_pool_282k": cnn2d_pool_workload,
                                                 "gpt2_block_50k": gpt2_block_workload}
