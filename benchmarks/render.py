@@ -265,9 +265,12 @@ def _spread(r: dict) -> str:
 
 
 def _goal(r: dict | None) -> str:
+    """met / not met, "(within spread)" when the bound lies inside the rounds' min–max."""
     if r is None or r.get("pass") is None:
         return "—"
-    return "met" if r["pass"] else "**not met**"
+    b, lo, hi = r.get("target_value"), r.get("lo"), r.get("hi")
+    within = b is not None and lo is not None and hi is not None and lo <= b < hi
+    return ("met" if r["pass"] else "**not met**") + (" (within spread)" if within else "")
 
 
 def workloads_section(ctx: Context, data: dict) -> list[str]:
