@@ -13,6 +13,9 @@ raw module: ``jvp(grad(L))`` with ``torch.func.functional_call`` on the studied 
   no download), θ = ``transformer.h.1.*`` (49,984 parameters), n = 64 sequences of 32 tokens,
   chunks of 32, causal-LM token loss summed over a sequence (``"causal_lm"``). Our Objective
   runs the model's default attention; the peer and the reference a copy with eager attention.
+
+``quick=True`` builds a workload with a quarter (CNN) or half (GPT-2) of the data, in one chunk:
+the k = 32 product benchmark uses it in quick mode.
 """
 
 from __future__ import annotations
