@@ -85,9 +85,10 @@ class Problem:
 
 
 def _rounds(full: dict[str, int]) -> dict[str, int]:
-    """Rounds per benchmark (``settings.rounds``: at least ``MIN_ROUNDS`` timed rounds, the
-    minimum in quick mode); a quick run keeps no warm-up round."""
-    return {k: (0 if QUICK else v) if k.startswith("warmup") else rounds(v) for k, v in full.items()}
+    """Rounds per benchmark: at least ``MIN_ROUNDS`` timed rounds (the minimum in quick mode,
+    ``settings.rounds``) after the warm-up rounds given (the first call of a path pays one-off
+    costs that would make one round an outlier)."""
+    return {k: v if k.startswith("warmup") else rounds(v) for k, v in full.items()}
 
 
 def _make(name: str, model: nn.Module, input_shape: tuple[int, ...], classes: int, n: int, batch_size: int,
