@@ -10,7 +10,7 @@ Run with ``OMP_NUM_THREADS=1`` (set here if unset): on a small shared machine to
 OpenMP threads spin under contention and make timings meaningless. Every number the
 suite reports is a ratio of times measured interleaved in one process.
 
-``HBT_BENCH_MODE=quick`` (or ``HBT_BENCH_QUICK=1``) cuts the rounds and sizes;
+``HBT_BENCH_MODE=quick`` (or ``HBT_BENCH_QUICK=1``) uses the minimum of 5 timed rounds and smaller sizes;
 ``HBT_BENCH_DEVICE`` picks the device (see ``settings.py``).
 """
 

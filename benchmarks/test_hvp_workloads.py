@@ -30,7 +30,7 @@ def workload(request) -> Workload:
 
 @pytest.fixture(scope="module", params=list(WORKLOADS))
 def matmat_workload(request) -> Workload:
-    """The workload for the k = 32 products: in quick mode with a quarter of the data (the
+    """The workload for the k = 32 products: in quick mode with less data (``quick=True``; the
     32-column products of both implementations take minutes per round at full size)."""
     make = WORKLOADS[request.param]
     return make(quick=True) if QUICK else make()

@@ -14,7 +14,7 @@ raw module: ``jvp(grad(L))`` with ``torch.func.functional_call`` on the studied 
   chunks of 32, causal-LM token loss summed over a sequence (``"causal_lm"``). Our Objective
   runs the model's default attention; the peer and the reference a copy with eager attention.
 
-``quick=True`` builds a workload with a quarter (CNN) or half (GPT-2) of the data, in one chunk:
+``quick=True`` builds a workload with an eighth (CNN) or half (GPT-2) of the data, in one chunk:
 the k = 32 product benchmark uses it in quick mode.
 """
 
@@ -79,8 +79,8 @@ def pooled_cnn2d() -> nn.Module:
 
 
 def cnn2d_pool_workload(quick: bool = False) -> Workload:
-    """n = 512 in chunks of 128 (``quick``: n = 128, one chunk)."""
-    n, batch_size = (128, 128) if quick else (512, 128)
+    """n = 512 in chunks of 128 (``quick``: n = 64, one chunk)."""
+    n, batch_size = (64, 64) if quick else (512, 128)
     torch.manual_seed(0)
     model = pooled_cnn2d().float().eval()
     gen = torch.Generator().manual_seed(1)
