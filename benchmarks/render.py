@@ -149,10 +149,10 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
     out.append("### All rows")
     out.append("")
     out += _table(["model", "method", "backend", "rel. err", "Pearson", "Spearman*", "top-5 helpful", "top-5 harmful",
-                   "AUROC", "seconds", "× dense", "HVPs"],
+                   "AUROC", "seconds", "HVPs"],
                   [[r["model"], r["method"], r["backend"], r.get("max_rel_error"), r.get("pearson"),
                     r.get("spearman_resolved"), r.get("top5_helpful"), r.get("top5_harmful"), r.get("auroc"),
-                    r["seconds"], r.get("seconds_vs_dense"), r["hvps"]] for r in rows])
+                    r["seconds"], r["hvps"]] for r in rows])
     return out
 
 
@@ -196,16 +196,15 @@ def scaling_section(ctx: Context, data: dict) -> list[str]:
     out.append("")
     out += _table(["operation", "family", "points", "time slope", "memory slope"],
                   [[r["op"], r["family"], r["points"], r["time_slope"], r["memory_slope"]] for r in s["slopes"]])
-    out += _table(["operation", "family", "M", "n", "seconds", "HVPs", "peak memory", "seconds / gradient"],
+    out += _table(["operation", "family", "M", "n", "seconds", "HVPs", "peak memory", "gradient seconds"],
                   [[p["op"], p["family"], p["M"], p["n"], p["seconds"], p["hvps"], format_bytes(p["peak_bytes"]),
-                    p["seconds"] / p["gradient_seconds"]] for p in s["points"]])
+                    p["gradient_seconds"]] for p in s["points"]])
     return out
 
 
 def limit_section(ctx: Context, data: dict) -> list[str]:
     """Item 4: how far a full-data HVP sits above one gradient, and the influence query in per-sample passes."""
     rows = [r for e in _extras(data, ENGINE_KINDS) for r in e.get("rows", [])]
-    scaling = _extras(data, "scaling")
     out = ["## 4. The physical limit", "", ctx.stamp(), ""]
     out.append("An HVP needs at least one forward + backward pass (a gradient). Fraction of the HVP's time spent "
                "above that floor = 1 − t_gradient / t_HVP (0 would be a free HVP on top of the gradient; "
@@ -214,12 +213,10 @@ def limit_section(ctx: Context, data: dict) -> list[str]:
     table = []
     for r in rows:
         if r["quantity"].startswith("HVP / gradient — ") and r["value"]:
-            table.append([r["model"], r["quantity"].split("— ")[1], r["value"], 1 - 1 / r["value"]])
-    for p in (scaling[0]["points"] if scaling else []):
-        if p["op"] == "hvp" and p["gradient_seconds"] >= 0.01:   # shorter single samples are timer noise
-            ratio = p["seconds"] / p["gradient_seconds"]
-            table.append([f"MLP M={p['M']:,} n={p['n']}", "ours (scaling run, one sample)", ratio, 1 - 1 / ratio])
-    out += _table(["model", "implementation", "HVP / gradient", "fraction above the gradient"], table)
+            table.append([r["model"], r["quantity"].split("— ")[1], r["value"], _spread(r), r.get("rounds", ""),
+                          1 - 1 / r["value"]])
+    out += _table(["model", "implementation", "HVP / gradient", "min–max", "rounds", "fraction above the gradient"],
+                  table)
     q = [r for r in rows if r["quantity"].startswith("influence query")]
     if q:
         out += _table(["model", "query", "× one per-sample-gradient pass", "min–max"],
