@@ -153,7 +153,7 @@ def test_curvlinops_hvp(benchmark, physics_problem):
     v = torch.randn(obj.num_params, generator=torch.Generator().manual_seed(0), dtype=obj.dtype).to(obj.device)
     Q, lam = p.exact.eigen.eigenvectors, p.exact.eigen.eigenvalues
     ref = Q @ (lam * (Q.T @ v.double().cpu()))
-    it = Interleaved({"ours": lambda: ours_op.matvec(v), "peer": lambda: peer_op @ v}).run(benchmark, rounds(9))
+    it = Interleaved({"ours": lambda: ours_op.matvec(v), "peer": lambda: peer_op @ v}).run(benchmark, rounds(9), 1)
     # the peer's product is the loss Hessian's: add wd·v for the objective's
     products = {"ours": it.outputs["ours"].detach().double().cpu(),
                 "peer": it.outputs["peer"].detach().double().cpu() + wd * v.double().cpu()}
