@@ -10,7 +10,7 @@ Run with ``OMP_NUM_THREADS=1`` (set here if unset): on a small shared machine to
 OpenMP threads spin under contention and make timings meaningless. Every number the
 suite reports is a ratio of times measured interleaved in one process.
 
-``HBT_BENCH_MODE=quick`` (or ``HBT_BENCH_QUICK=1``) cuts the rounds and sizes;
+``HBT_BENCH_MODE=quick`` (or ``HBT_BENCH_QUICK=1``) uses the minimum of 5 timed rounds and smaller sizes;
 ``HBT_BENCH_DEVICE`` picks the device (see ``settings.py``).
 """
 
@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from physics_problems import PhysicsProblem, build_problem  # noqa: E402
-from settings import DEVICE, MODE, QUICK  # noqa: E402
+from settings import DEVICE, MODE, QUICK, rounds  # noqa: E402
 
 from scalable_hbt import Objective  # noqa: E402
 from scalable_hbt.physics import PaperCNN  # noqa: E402
@@ -85,10 +85,10 @@ class Problem:
 
 
 def _rounds(full: dict[str, int]) -> dict[str, int]:
-    """Rounds per benchmark; a quick run keeps one round and no warm-up."""
-    if not QUICK:
-        return dict(full)
-    return {k: 0 if k.startswith("warmup") else min(v, 1) for k, v in full.items()}
+    """Rounds per benchmark: at least ``MIN_ROUNDS`` timed rounds (the minimum in quick mode,
+    ``settings.rounds``) after the warm-up rounds given (the first call of a path pays one-off
+    costs that would make one round an outlier)."""
+    return {k: v if k.startswith("warmup") else rounds(v) for k, v in full.items()}
 
 
 def _make(name: str, model: nn.Module, input_shape: tuple[int, ...], classes: int, n: int, batch_size: int,
@@ -113,7 +113,7 @@ def paper_cnn_problem() -> Problem:
     n = 250 if QUICK else 1000
     return _make("paper_cnn_740", PaperCNN(), (1, 924), 2, n, n, 740,
                  {"hvp": 7, "warmup_hvp": 1, "batched_8": 3, "batched_32": 2, "warmup_batched": 1,
-                  "floor": 5, "influence": 3})
+                  "floor": 5, "influence": 3, "dense": 1})
 
 
 @pytest.fixture(scope="session")
@@ -122,7 +122,7 @@ def cnn2d_problem() -> Problem:
     torch.manual_seed(0)
     return _make("cnn2d_994k", cnn2d(), (3, 32, 32), 10, 64 if QUICK else 256, 64, 994_394,
                  {"hvp": 4, "warmup_hvp": 1, "batched_8": 2, "batched_32": 1, "warmup_batched": 0,
-                  "floor": 3, "influence": 0})
+                  "floor": 3, "influence": 0, "dense": 0})
 
 
 @pytest.fixture(scope="session", params=["paper_cnn_740", "cnn2d_994k"])

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from settings import synchronize
+from settings import MIN_ROUNDS, synchronize
 from torch import Tensor, nn
 
 from scalable_hbt.metrics import relative_error
@@ -104,7 +104,12 @@ class Rows:
 
     def add(self, quantity: str, r: dict[str, float] | None, *, target: str | None = None,
             target_value: float | None = None, passed: bool | None = None, note: str = "", **extra: Any) -> None:
-        """One ratio; ``target_value`` is the bound of an "≤" target (pass = value ≤ bound)."""
+        """One ratio; ``target_value`` is the bound of an "≤" target (pass = value ≤ bound).
+
+        A ratio measured over fewer than ``MIN_ROUNDS`` interleaved rounds is refused (ValueError)."""
+        if r is not None and r.get("rounds", 0) < MIN_ROUNDS:
+            raise ValueError(f"{self.model}: '{quantity}' was measured over {r.get('rounds', 0)} round(s); a reported "
+                             f"ratio needs ≥ {MIN_ROUNDS} interleaved rounds (settings.rounds).")
         if passed is None and target_value is not None and r is not None:
             passed = bool(r["value"] <= target_value)
         row = {"model": self.model, "quantity": quantity, "target": target, "target_value": target_value,

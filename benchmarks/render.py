@@ -149,10 +149,10 @@ def accuracy_section(ctx: Context, data: dict) -> list[str]:
     out.append("### All rows")
     out.append("")
     out += _table(["model", "method", "backend", "rel. err", "Pearson", "Spearman*", "top-5 helpful", "top-5 harmful",
-                   "AUROC", "seconds", "× dense", "HVPs"],
+                   "AUROC", "seconds", "HVPs"],
                   [[r["model"], r["method"], r["backend"], r.get("max_rel_error"), r.get("pearson"),
                     r.get("spearman_resolved"), r.get("top5_helpful"), r.get("top5_harmful"), r.get("auroc"),
-                    r["seconds"], r.get("seconds_vs_dense"), r["hvps"]] for r in rows])
+                    r["seconds"], r["hvps"]] for r in rows])
     return out
 
 
@@ -168,10 +168,10 @@ def peers_section(ctx: Context, data: dict) -> list[str]:
                "ours is faster / more accurate. Skipped combinations (a peer that does not support Conv1d) are "
                "listed by pytest as skips.")
     out.append("")
-    out += _table(["model", "peer", "quantity", "time ours / peer", "min–max", "error ours", "error peer",
+    out += _table(["model", "peer", "quantity", "time ours / peer", "min–max", "rounds", "error ours", "error peer",
                    "error ours / peer", "note"],
                   [[r["model"], r["peer"], r["quantity"], r["time_ratio"],
-                    f"{fmt(r['time_ratio_lo'])}–{fmt(r['time_ratio_hi'])}", r["ours_error"], r["peer_error"],
+                    f"{fmt(r['time_ratio_lo'])}–{fmt(r['time_ratio_hi'])}", r["rounds"], r["ours_error"], r["peer_error"],
                     r["error_ratio"], r["note"]] for r in rows])
     return out
 
@@ -196,16 +196,15 @@ def scaling_section(ctx: Context, data: dict) -> list[str]:
     out.append("")
     out += _table(["operation", "family", "points", "time slope", "memory slope"],
                   [[r["op"], r["family"], r["points"], r["time_slope"], r["memory_slope"]] for r in s["slopes"]])
-    out += _table(["operation", "family", "M", "n", "seconds", "HVPs", "peak memory", "seconds / gradient"],
+    out += _table(["operation", "family", "M", "n", "seconds", "HVPs", "peak memory", "gradient seconds"],
                   [[p["op"], p["family"], p["M"], p["n"], p["seconds"], p["hvps"], format_bytes(p["peak_bytes"]),
-                    p["seconds"] / p["gradient_seconds"]] for p in s["points"]])
+                    p["gradient_seconds"]] for p in s["points"]])
     return out
 
 
 def limit_section(ctx: Context, data: dict) -> list[str]:
     """Item 4: how far a full-data HVP sits above one gradient, and the influence query in per-sample passes."""
     rows = [r for e in _extras(data, ENGINE_KINDS) for r in e.get("rows", [])]
-    scaling = _extras(data, "scaling")
     out = ["## 4. The physical limit", "", ctx.stamp(), ""]
     out.append("An HVP needs at least one forward + backward pass (a gradient). Fraction of the HVP's time spent "
                "above that floor = 1 − t_gradient / t_HVP (0 would be a free HVP on top of the gradient; "
@@ -214,12 +213,10 @@ def limit_section(ctx: Context, data: dict) -> list[str]:
     table = []
     for r in rows:
         if r["quantity"].startswith("HVP / gradient — ") and r["value"]:
-            table.append([r["model"], r["quantity"].split("— ")[1], r["value"], 1 - 1 / r["value"]])
-    for p in (scaling[0]["points"] if scaling else []):
-        if p["op"] == "hvp" and p["gradient_seconds"] >= 0.01:   # shorter single samples are timer noise
-            ratio = p["seconds"] / p["gradient_seconds"]
-            table.append([f"MLP M={p['M']:,} n={p['n']}", "ours (scaling run, one sample)", ratio, 1 - 1 / ratio])
-    out += _table(["model", "implementation", "HVP / gradient", "fraction above the gradient"], table)
+            table.append([r["model"], r["quantity"].split("— ")[1], r["value"], _spread(r), r.get("rounds", ""),
+                          1 - 1 / r["value"]])
+    out += _table(["model", "implementation", "HVP / gradient", "min–max", "rounds", "fraction above the gradient"],
+                  table)
     q = [r for r in rows if r["quantity"].startswith("influence query")]
     if q:
         out += _table(["model", "query", "× one per-sample-gradient pass", "min–max"],
@@ -260,6 +257,114 @@ def engine_section(ctx: Context, data: dict) -> list[str]:
     return out
 
 
+def _spread(r: dict) -> str:
+    return f"{fmt(r.get('lo'))}–{fmt(r.get('hi'))}"
+
+
+def _goal(r: dict | None) -> str:
+    """met / not met, "(within spread)" when the bound lies inside the rounds' min–max."""
+    if r is None or r.get("pass") is None:
+        return "—"
+    b, lo, hi = r.get("target_value"), r.get("lo"), r.get("hi")
+    within = b is not None and lo is not None and hi is not None and lo <= b < hi
+    return ("met" if r["pass"] else "**not met**") + (" (within spread)" if within else "")
+
+
+def workloads_section(ctx: Context, data: dict) -> list[str]:
+    """HVP against the peers on the 2D CNN with pooling and the GPT-2 block (``test_hvp_workloads.py``)."""
+    ex = _extras(data, "workload")
+    if not ex:
+        return []
+    out = ["## 5b. HVP on more workloads, peers side by side", "", ctx.stamp(), ""]
+    out.append("Full-data HVP in units of one full-data gradient (median over interleaved rounds; min–max of the "
+               "ratio to the fastest peer beside it), float32, one thread. Ours = HessianOperator's default mode; "
+               "fwd-over-rev shown for information. Goal: ours ≤ the fastest peer. k = 32: time of one H V product "
+               "with 32 columns per vector, in gradients; goal ours ≤ curvlinops. Peer error: ‖H v − H_ours v‖ / "
+               "‖H_ours v‖ against the workload's reference (the torch.func brute force on the raw module where "
+               "listed, else ours).")
+    out.append("")
+    hvp, k32 = {}, {}
+    for e in ex:
+        name = e["workload"]["model"]
+        for r in e.get("rows", []):
+            if r.get("table") in ("hvp", "hvp_goal"):
+                hvp.setdefault(name, {"info": e["workload"], "peers": e.get("peers", {}),
+                                      "errors": e.get("peer_errors", {}), "reference": e.get("reference")})
+                hvp[name][r["table"] if r["table"] == "hvp_goal" else r["implementation"]] = r
+            elif r.get("table") in ("k32", "k32_goal"):
+                k32.setdefault(name, {"n": e["workload"]["n"]})[r["table"] if r["table"] == "k32_goal" else r["implementation"]] = r
+
+    def val(d: dict, key: str) -> Any:
+        if key in d:
+            return d[key]["value"]
+        status = d.get("peers", {}).get(key.split()[0], "")
+        return "n/a" if status.startswith("not applicable") else "—"
+
+    rows = []
+    for name, d in hvp.items():
+        goal = d.get("hvp_goal")
+        rows.append([name, d["info"]["M"], d["info"]["n"], val(d, "ours"), val(d, "ours fwd-over-rev"),
+                     val(d, "curvlinops"), val(d, "pyhessian"), val(d, "torch.func reference"),
+                     goal["value"] if goal else "—", _spread(goal) if goal else "—",
+                     goal["rounds"] if goal else "—", _goal(goal)])
+    out += _table(["workload", "M", "n", "ours", "ours fwd-over-rev", "curvlinops", "PyHessian", "torch.func reference",
+                   "ours / fastest peer", "min–max", "rounds", "goal ours ≤ fastest peer"], rows)
+    rows = []
+    for name, d in k32.items():
+        goal = d.get("k32_goal")
+        rows.append([name, d["n"], d["ours"]["value"] if "ours" in d else "—",
+                     d["curvlinops"]["value"] if "curvlinops" in d else "—", goal["value"] if goal else "—",
+                     _spread(goal) if goal else "—", goal["rounds"] if goal else "—", _goal(goal),
+                     goal.get("rel_error") if goal else None])
+    out += _table(["workload", "n", "k=32 ours per vector (gradients)", "k=32 curvlinops per vector", "time ours / curvlinops",
+                   "min–max", "rounds", "goal ours ≤ curvlinops", "curvlinops error vs ours"], rows)
+    notes = []
+    for name, d in hvp.items():
+        for peer, why in d["peers"].items():
+            if why != "ok":
+                notes.append(f"- {name}: {peer} {why}.")
+        for peer, err in d["errors"].items():
+            notes.append(f"- {name}: {peer}'s H·v against {d['reference']}: relative error {fmt(err)}.")
+    checks = [c for e in ex for c in e.get("checks", [])]
+    out += notes + [""] if notes else []
+    out += _table(["workload", "comparison (asserted)", "‖a − b‖ / ‖b‖", "tolerance", "ok"],
+                  [[c["model"], c["what"], c["rel_diff"], c["tol"], "yes" if c["ok"] else "**NO**"] for c in checks])
+    return out
+
+
+def _hvps(r: dict) -> str:
+    lo, hi = r.get("hvps_range") or (r["hvps"], r["hvps"])
+    return fmt(r["hvps"]) + ("" if lo == hi else f" ({fmt(lo)}–{fmt(hi)})")
+
+
+def eigen_section(ctx: Context, data: dict) -> list[str]:
+    """Top eigenpairs (ours vs ARPACK vs LOBPCG) and block CG (``test_eigen.py``)."""
+    ex = _extras(data, "eigen")
+    rows = [r for e in ex for r in e.get("rows", [])]
+    if not rows:
+        return []
+    out = ["## 5c. Eigenpairs and many right-hand sides on the same operator", "", ctx.stamp(), ""]
+    probs = {e["problem"]["model"]: e["problem"] for e in ex}
+    out.append("Paper CNN (random init), float64, " + "; ".join(f"{k}: M = {p['M']:,}, n = {p['n']}, wd = {p['weight_decay']:g}"
+                                                             for k, p in probs.items())
+               + ". Each solver on a fresh HessianOperator (reverse-over-reverse, graphs not kept), which counts the "
+               "HVPs (a k-column product counts k). Residual: max_i ‖H y_i − θ_i y_i‖ / |θ_1| from one exact product "
+               "after the run; equal accuracy means ≤ 1e-8 for every solver.")
+    out.append("")
+    eig = [r for r in rows if r.get("table") == "eigen"]
+    out += _table(["problem", "solver", "HVPs", "HVPs / ARPACK", "wall / ARPACK", "min–max", "rounds",
+                   "max rel. residual", "goal", "result"],
+                  [[r["model"], r["solver"], _hvps(r), r["hvps_vs_arpack"], r["value"], _spread(r), r["rounds"],
+                    r["residual"], r.get("target") or "", _goal(r)] for r in eig])
+    cg = [r for r in rows if r.get("table") == "cg"]
+    out += _table(["problem", "quantity", "wall per RHS / single", "min–max", "rounds", "HVPs block (32 RHS)",
+                   "HVPs single", "HVP-equivalents per RHS / single", "iterations block / single", "goal", "result"],
+                  [[r["model"], r["quantity"], r["value"], _spread(r), r["rounds"], r["hvps_block"], r["hvps_single"],
+                    r["hvps_per_rhs_vs_single"], f"{r['iterations_block']} / {r['iterations_single']}",
+                    r.get("target") or "", _goal(r)] for r in cg])
+    return out
+
+
 def separate_runs_section() -> list[str]:
     """Pointers to the measurements too long for this suite (each file names its own command,
     machine and date)."""
@@ -277,7 +382,8 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     ctx = Context(data, command, outcome, wall)
     out = ["# Benchmark results", ""]
     out.append(f"- Command: `{command}`")
-    out.append(f"- Mode: {ctx.mode}" + (" (a ≤ 15-minute smoke run: one round per timing, reduced sizes)"
+    out.append(f"- Mode: {ctx.mode}" + (" (a ≤ 15-minute run: reduced sizes, every time ratio the median of "
+                                        "5 interleaved rounds)"
                                         if ctx.mode == "quick" else ""))
     out.append(f"- Machine: {ctx.machine}")
     out.append(f"- Date: {ctx.date}")
@@ -286,7 +392,8 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     if plots:
         out.append("- Plots: " + ", ".join(f"`{p}`" for p in plots))
     out.append("")
-    for section in (accuracy_section, peers_section, scaling_section, limit_section, engine_section):
+    for section in (accuracy_section, peers_section, scaling_section, limit_section, engine_section,
+                    workloads_section, eigen_section):
         out += section(ctx, data)
     out += separate_runs_section()
     return "\n".join(out)

@@ -1,7 +1,7 @@
 """Run settings of the benchmark suite, read once from the environment.
 
-``HBT_BENCH_MODE``: ``quick`` (a ≤ 15-minute CPU run: fewer rounds, the reduced physics
-grid, scaling up to M ≈ 1e6) or ``full`` (the default: more rounds, the paper's 500
+``HBT_BENCH_MODE``: ``quick`` (a ≤ 15-minute CPU run: the minimum of rounds, the reduced
+physics grid, scaling up to M ≈ 1e6) or ``full`` (the default: more rounds, the paper's 500
 points per phase, scaling up to M ≈ 1e7). ``HBT_BENCH_QUICK=1`` is another spelling of
 ``HBT_BENCH_MODE=quick``.
 
@@ -23,6 +23,15 @@ if _mode not in ("quick", "full"):
 MODE: str = _mode
 QUICK: bool = MODE == "quick"
 DEVICE: str = os.environ.get("HBT_BENCH_DEVICE", "cpu")
+
+MIN_ROUNDS: int = 5
+"""Interleaved rounds below which a time ratio is not reported: one round is noise, not a
+measurement (``harness.Rows`` refuses a ratio measured over fewer)."""
+
+
+def rounds(full: int) -> int:
+    """Timed rounds of a ratio: ``MIN_ROUNDS`` in quick mode, max(full, ``MIN_ROUNDS``) in full mode."""
+    return MIN_ROUNDS if QUICK else max(full, MIN_ROUNDS)
 
 
 def synchronize() -> None:

@@ -34,7 +34,7 @@ import pytest
 import torch
 from harness import Interleaved
 from physics_problems import PhysicsProblem
-from settings import QUICK
+from settings import MIN_ROUNDS, rounds
 from torch import nn
 
 from scalable_hbt import HessianOperator, Objective
@@ -43,7 +43,7 @@ from scalable_hbt.methods import influence
 from scalable_hbt.metrics import agreement, max_elementwise_relative_error, relative_error
 from scalable_hbt.curvature.spectral import hutchinson_trace
 
-ROUNDS = 1 if QUICK else 3
+ROUNDS = rounds(3)
 TOP_N = 5
 
 
@@ -72,6 +72,8 @@ def _row(problem: PhysicsProblem, peer: str, quantity: str, it: Interleaved, our
          note: str = "") -> dict:
     """ours / peer for time (median over rounds of the per-round quotient) and for error."""
     r = it.ratio("ours", "peer")
+    if r["rounds"] < MIN_ROUNDS:
+        raise ValueError(f"{problem.name} / {peer}: {quantity} measured over {r['rounds']} round(s) < {MIN_ROUNDS}.")
     return {"model": problem.name, "peer": peer, "quantity": quantity, "time_ratio": r["value"],
             "time_ratio_lo": r["lo"], "time_ratio_hi": r["hi"], "rounds": r["rounds"],
             "ours_seconds": it.median("ours"), "peer_seconds": it.median("peer"),
@@ -151,7 +153,7 @@ def test_curvlinops_hvp(benchmark, physics_problem):
     v = torch.randn(obj.num_params, generator=torch.Generator().manual_seed(0), dtype=obj.dtype).to(obj.device)
     Q, lam = p.exact.eigen.eigenvectors, p.exact.eigen.eigenvalues
     ref = Q @ (lam * (Q.T @ v.double().cpu()))
-    it = Interleaved({"ours": lambda: ours_op.matvec(v), "peer": lambda: peer_op @ v}).run(benchmark, 3 * ROUNDS)
+    it = Interleaved({"ours": lambda: ours_op.matvec(v), "peer": lambda: peer_op @ v}).run(benchmark, rounds(9), 1)
     # the peer's product is the loss Hessian's: add wd·v for the objective's
     products = {"ours": it.outputs["ours"].detach().double().cpu(),
                 "peer": it.outputs["peer"].detach().double().cpu() + wd * v.double().cpu()}
