@@ -124,3 +124,22 @@ def test_bench_ground_truth_parses_and_runs_the_module(monkeypatch):
     assert cli.main(["bench", "--ground-truth", "--quick"]) == 0
     assert seen["cmd"][1:4] == ["-m", cli.GROUND_TRUTH_MODULE, "--quick"]
     assert cli.main(["bench", "--ground-truth", "--device", "cuda"]) == 2
+
+
+def test_run_scores_every_backend_and_writes_the_report(tmp_path):
+    from benchmarks.ground_truth.report import REPORT, write_report
+    from benchmarks.ground_truth.run import run_workload
+
+    w = logistic_workload()
+    result = run_workload(w, "tiny", tmp_path / "cache", progress=False, with_peers=False)
+    assert not result["failures"], result["failures"]
+    methods = {r["method"] for r in result["rows"]}
+    assert {"ours: dense (Hessian)", "ours: cg (GGN)", "ours: ekfac (GGN)"} <= methods
+    dense = next(r for r in result["rows"] if r["method"] == "ours: dense (Hessian)")
+    assert dense["gradients"] > 0 and dense["hvps"] >= w.train_X.shape[1] * 3  # M HVPs to assemble H
+    write_report({"command": "test", "size": "tiny", "date": "today", "seconds": 1.0,
+                  "machine": {"platform": "p", "processor": "cpu", "cpu_count": 2, "python": "3", "torch": "2",
+                              "OMP_NUM_THREADS": "1"}, "workloads": [result]}, tmp_path)
+    text = (tmp_path / REPORT).read_text()
+    assert "## logistic" in text and "ours: ekfac (GGN)" in text and "| goal | verdict | numbers |" in text
+    assert (tmp_path / "plots" / "ground_truth_lds_vs_time.png").stat().st_size > 0

@@ -52,7 +52,7 @@ class Plan:
     loo: int
 
 
-PLANS = {"tiny": Plan(K=6, B=3, loo=2), "quick": Plan(K=24, B=10, loo=6), "full": Plan(K=100, B=30, loo=30)}
+PLANS = {"tiny": Plan(K=6, B=3, loo=2), "quick": Plan(K=20, B=10, loo=4), "full": Plan(K=100, B=30, loo=30)}
 RUE_ROWS = ("dense (Hessian)", "cg (Hessian)", "cg (GGN)", "kfac (GGN)", "ekfac (GGN)")
 """Backends whose RUE is also scored (the others' solves are the ones above, less exactly)."""
 
@@ -87,6 +87,12 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
             print(f"[{time.perf_counter() - t_start:7.1f}s] {workload.name}: {msg}", flush=True)
 
     model = truths.retrain(workload, cache, "trained", np.arange(len(workload.train_y)), 0)
+    # the ground truths first: they are cached, so a run killed later resumes without retraining
+    subsets = truths.subset_truth(workload, cache, plan.K, progress=progress)
+    boot = truths.bootstrap_truth(workload, cache, model, plan.B, progress=progress)
+    loo = truths.leave_one_out_truth(workload, cache, model, plan.loo, progress=progress) if plan.loo else None
+    log(f"retrains: {len(cache.trained)} trained, {len(cache.loaded)} from the cache")
+
     objective = ours.build_objective(workload, model)
     grad_s = gradient_seconds(objective)
     damp = ours.choose_damping(objective)
@@ -121,12 +127,6 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
                                                                         workload.ood_X.to(workload.test_X.dtype)])
     is_ood = np.r_[np.zeros(len(workload.test_X), bool), np.ones(len(inputs) - len(workload.test_X), bool)]
     lees_values = ours.lees(objective, inputs, delta)
-    log("attributions done; ground truths")
-
-    subsets = truths.subset_truth(workload, cache, plan.K, progress=progress)
-    boot = truths.bootstrap_truth(workload, cache, model, plan.B, progress=progress)
-    loo = truths.leave_one_out_truth(workload, cache, model, plan.loo, progress=progress) if plan.loo else None
-    log(f"retrains: {len(cache.trained)} trained, {len(cache.loaded)} from the cache")
 
     rows = []
     for a in attributions:
@@ -177,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache", type=Path, default=BENCHMARKS / "ground_truth_cache",
                         help="folder of the cached retrains (default: %(default)s)")
     parser.add_argument("--no-peers", action="store_true", help="only this project's backends")
-    parser.add_argument("--from-json", type=Path, default=None, help="only re-render from a ground_truth.json")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="only re-render from ground_truth.json files (their workloads are concatenated; "
+                             "the first file's command, machine and date are kept)")
     parser.add_argument("--command", default=None, help="the command shown in the report")
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -186,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json is not None:
-        results = json.loads(args.from_json.read_text())
+        parts = [json.loads(path.read_text()) for path in args.from_json]
+        results = {**parts[0], "workloads": [w for part in parts for w in part["workloads"]],
+                   "seconds": max(part.get("seconds", 0.0) for part in parts)}
         write_report(results, args.out)
         return 0
     size = "full" if args.full else "tiny" if args.tiny else "quick"
