@@ -85,6 +85,19 @@ def goals(w: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _load_note(results: dict[str, Any]) -> str:
+    """Whether other work shared the machine (1-minute load average against the cores)."""
+    m = results["machine"]
+    loads = [x for x in (m.get("load_start"), results.get("load_end")) if x is not None]
+    if not loads:
+        return "Load of the machine: not recorded."
+    note = f"1-minute load average {' → '.join(f'{x:.1f}' for x in loads)} on {m['cpu_count']} cores"
+    if max(loads) > (m["cpu_count"] or 1):
+        return (note + ": the machine was shared with other jobs, so wall times (and the ≤ 30 min budget) are "
+                "inflated; times in gradients are ratios measured in the same process and less affected.")
+    return note + "."
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = ["# Ground truth: every backend and peer scored against retraining", "",
@@ -92,8 +105,7 @@ def render(results: dict[str, Any]) -> str:
              f"{m['cpu_count']} cores, {m['platform']}, Python {m['python']}, torch {m['torch']}, "
              f"OMP_NUM_THREADS={m['OMP_NUM_THREADS']} · date: {results['date']} · total "
              f"{_f(results.get('seconds', float('nan')) / 60, 3)} min.", "",
-             "The machine was shared with other jobs while this ran (load above its 2 cores), so wall "
-             "times are inflated; times in gradients are ratios measured in the same process.", "",
+             _load_note(results), "",
              "Conventions: I(z_i, z_t) = (1/n) g_tᵀ C_δ⁻¹ g_i > 0 when z_i helps z_t; the model trained on S is "
              "predicted to have test loss const − Σ_{i∈S} I(z_i, z_t). **LDS**: mean over test points of the "
              "Spearman correlation between that prediction and the loss actually measured after retraining on "

@@ -162,7 +162,7 @@ def _lds_noise(subsets: truths.SubsetTruth) -> float:
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"), "load_start": os.getloadavg()[0]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         results["workloads"].append(run_workload(workload, size, args.cache, progress=not args.no_progress,
                                                  with_peers=not args.no_peers))
         results["seconds"] = time.perf_counter() - t0
+        results["load_end"] = os.getloadavg()[0]
         (args.out / "ground_truth.json").write_text(json.dumps(results, indent=1, default=float))
         write_report(results, args.out)
     print(f"ground truth: {len(names)} workload(s) in {time.perf_counter() - t0:.0f} s; "
