@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [json.loads(path.read_text()) for path in args.from_json]
         results = {**parts[0], "workloads": [w for part in parts for w in part["workloads"]],
                    "seconds": max(part.get("seconds", 0.0) for part in parts)}
+        if args.command:
+            results["command"] = args.command
         write_report(results, args.out)
         return 0
     size = "full" if args.full else "tiny" if args.tiny else "quick"
