@@ -147,10 +147,17 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
     return {"name": workload.name, "description": workload.description, "M": objective.num_params,
             "n": objective.n, "T": len(workload.test_y), "n_ood": int(is_ood.sum()), "damping": damp,
             "gradient_seconds": grad_s, "plan": plan.__dict__, "lds_noise": _lds_noise(subsets),
+            "lds_defined": lds_defined(subsets),
             "rows": rows, "failures": failures, "rue": rue_rows,
             "warm_variance": boot.warm_variance.tolist(), "scratch_variance": boot.scratch_variance.tolist(),
             "lees": lees_rows, "retrains": {"trained": len(cache.trained), "loaded": len(cache.loaded)},
             "seconds": time.perf_counter() - t_start}
+
+
+def lds_defined(subsets: truths.SubsetTruth) -> int:
+    """Test points whose loss differs between subset models (elsewhere, e.g. a loss saturated at
+    exactly 0, the Spearman correlation is undefined and the point is left out of the LDS mean)."""
+    return int((np.ptp(subsets.losses, axis=0) > 0).sum())
 
 
 def _lds_noise(subsets: truths.SubsetTruth) -> float:
