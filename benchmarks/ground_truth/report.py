@@ -72,9 +72,11 @@ def goals(w: dict[str, Any]) -> list[tuple[str, str, str]]:
     if exact:
         applies = w["name"] in RUE_GOAL_WORKLOADS
         ok = exact["warm_spearman"] >= RUE_GOAL
+        verdict = ("met" if ok else "not met") if applies else "reported"
+        if float(np.median(w["warm_variance"])) < 1e-10:
+            verdict = "not assessable (variances at round-off)"
         out.append((f"RUE Spearman with the warm-started bootstrap variance ≥ {RUE_GOAL}"
-                    + ("" if applies else " (goal set for workloads 1–2; reported)"),
-                    ("met" if ok else "not met") if applies else "reported",
+                    + ("" if applies else " (goal set for workloads 1–2; reported)"), verdict,
                     f"{exact['backend']}: {_f(exact['warm_spearman'])} (from scratch {_f(exact['scratch_spearman'])}); "
                     f"RUE / actual variance, median {_f(exact['warm_median_ratio'])}"))
     for row in w["lees"]:
@@ -96,6 +98,20 @@ def _load_note(results: dict[str, Any]) -> str:
         return (note + ": the machine was shared with other jobs, so wall times (and the ≤ 30 min budget) are "
                 "inflated; times in gradients are ratios measured in the same process and less affected.")
     return note + "."
+
+
+def caveats(w: dict[str, Any]) -> list[str]:
+    """Where the ground truth itself is weak, measured from it (saturated losses, round-off-level variances)."""
+    out = []
+    defined = w.get("lds_defined")
+    if defined is not None and defined < w["T"]:
+        out.append(f"{w['T'] - defined} of {w['T']} test points have exactly the same loss under every subset model "
+                   f"(saturated), so the LDS rests on {defined} points.")
+    median_var = float(np.median(w["warm_variance"]))
+    if median_var < 1e-10:
+        out.append(f"The median test point's warm-bootstrap loss variance is {median_var:.2g}, at floating-point "
+                   "round-off: the RUE scores here rank noise for most points and should not be read as a pass.")
+    return out
 
 
 def render(results: dict[str, Any]) -> str:
@@ -127,6 +143,7 @@ def render(results: dict[str, Any]) -> str:
                   f"median spread of a test loss over the subset models {_f(w['lds_noise'])}; the LDS is defined "
                   f"(loss not constant across subset models) on {w.get('lds_defined', '?')} of {w['T']} test points; "
                   f"{_f(w['seconds'] / 60)} min in all.", "",
+                  *[f"- **Caveat.** {c}" for c in caveats(w)], "",
                   "| method | LDS | 95 % CI | LOO Pearson | time (gradients) | seconds | peak MiB | HVPs | notes |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(w["rows"], key=lambda r: -r["lds"] if math.isfinite(r["lds"]) else 1e9):
