@@ -50,7 +50,7 @@ def _published(p: dict) -> list[str]:
                f"training points {_fmt(p['saturated_fraction'])}. `Toolbox(obj, damping={p['damping']:g}, "
                "inverse=\"lissa\")` (fit included: the default Lanczos eigen backend whose pairs it deflates with, "
                "and its λ_min estimate) against `Toolbox(obj, damping=..., inverse=\"cg\", eigen=None)` (no fit), "
-               f"influence of {p['test_points']} test points, against the dense oracle.")
+               f"influence of {p['test_points']} test points. Reference: {p['reference']}.")
     out.append("")
     out += _table(["solver", "min Spearman over test points", "relative error", "HVPs", "LiSSA depth / CG iterations"],
                   [["LiSSA (defaults)", p["lissa_spearman_min"], p["lissa_rel_error"], p["lissa_hvps"],
@@ -80,10 +80,11 @@ def _demo(d: dict) -> list[str]:
 def _cost(rows: list[dict]) -> list[str]:
     out = ["### Cost model vs measurement", ""]
     out.append("Each backend in a fresh process (`benchmarks/cost_worker.py`): MLPs at their seeded initialisation on "
-               "random data (n = 512, one chunk, float64), k = 8 right-hand sides, δ = max(−λ_min, 0) + 0.1, every "
+               "random data (small: M = 2,762, n = 512; wide: M = 273,418, n = 64; one chunk, float64), k = 8 "
+               "right-hand sides, δ = max(−λ_min, 0) + 0.1, every "
                "backend with its defaults (CG rtol 1e-8, m = 20 eigenpairs). Predicted: the formulas of "
                "`docs/cost.md` with the measured spectrum (κ of H + δI; LiSSA: λ_{11}, λ_min, its default target "
-               "1e-3; Lanczos: 4m; K-FAC: its factors). Peak memory: growth of the resident set during the phase "
+               "1e-3; Lanczos: the flat-spectrum count 9m; K-FAC: its factors, EK-FAC with its fit buffer). Peak memory: growth of the resident set during the phase "
                "(fit or solve, the larger), so it includes the product's activations and allocator slack.")
     out.append("")
     out += _table(["problem", "backend", "M", "κ", "HVPs fit + solve", "predicted", "measured / predicted",

@@ -127,7 +127,7 @@ class LiSSACurvature(CurvatureBackend):
         backend when this is unset (:meth:`accept_eigenpairs`).
 
     The defaults — ten deflated eigenpairs, full-batch steps, the automatic scale and depth —
-    are the configuration measured best in ``benchmarks/RESULTS.md``.
+    are the configuration measured best (``benchmarks/SOLVERS.md``, ``benchmarks/RESULTS.md``).
     lanczos_tol:
         Relative Ritz-residual tolerance (relative to λ_max) of LiSSA's own eigenpairs. Keep it
         tight when one eigenvalue stands far above the rest: a loose tolerance stops Lanczos
