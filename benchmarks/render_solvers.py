@@ -66,7 +66,7 @@ def _demo(d: dict) -> list[str]:
     out = ["### The demo's matrix-free phases", ""]
     out.append(f"{d['model']}, M = {d['M']}, δ = {_fmt(d['damping'])} (dense rule), δ' = {_fmt(d['rue_damping'])}; "
                "the demo's CG (rtol 1e-10, cached graphs) and Lanczos pairs. RUE: one reweighted-gradient pass + one "
-               f"CG block solve ({d['rue_cg_iterations']} iterations, {_fmt(d['rue_hvps'])} HVPs) against CG "
+               f"CG solve of the B right-hand sides together (blocks of max_vectors = 32; {d['rue_cg_iterations']} iterations, {_fmt(d['rue_hvps'])} HVPs) against CG "
                f"influence for as many test points ({d['influence_cg_iterations']} iterations, "
                f"{_fmt(d['influence_50_hvps'])} HVPs). LiSSA (deflate 10 with the Lanczos pairs, full batch, its "
                f"λ_min fit included): depth {d['lissa_depth']}, {_fmt(d['lissa_hvps'])} HVPs, relative error "
