@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from harness import Interleaved
 from scipy.stats import spearmanr
 from settings import QUICK
 
-from scalable_hbt import Objective, Toolbox
+from scalable_hbt import Toolbox
 from scalable_hbt.apps.demo import DemoConfig, matrix_free_toolbox, train_classifier
 from scalable_hbt.curvature import CGCurvature, LanczosCurvature, LiSSACurvature, smallest_eigenvalue
 from scalable_hbt.methods.rue import bootstrap_shifts, bootstrap_weights
