@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+from render_solvers import solvers_markdown
+
 from scalable_hbt.memory import format_bytes
 
 PEER_DISTS = (("pyhessian", "pyhessian"), ("curvlinops", "curvlinops-for-pytorch"), ("kronfluence", "kronfluence"))
@@ -395,5 +397,6 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     for section in (accuracy_section, peers_section, scaling_section, limit_section, engine_section,
                     workloads_section, eigen_section):
         out += section(ctx, data)
+    out.append(solvers_markdown(data, ctx.stamp()))
     out += separate_runs_section()
     return "\n".join(out)

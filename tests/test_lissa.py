@@ -68,8 +68,13 @@ def test_full_batch_recursion_plain_and_deflated_match_dense(fitted):
           f"{d_defl['fit_hvps']:.0f}")
     assert _rel(X_plain, ref) <= 1e-2 and _rel(X_defl, ref) <= 1e-2
     assert d_defl["lissa_hvps"] < d_plain["lissa_hvps"]
-    lam_max = dense.eigh(1)[0].item()
-    assert d_plain["scale"] == pytest.approx(1.1 * (lam_max + damping), rel=1e-4)
+    # full-batch scale: the middle of the spectrum (top with its 10 % margin), from the oracle's λ_max, λ_min
+    lam_max, lam_min = dense.eigh(1)[0].item(), dense.min_eigenvalue()
+    assert d_plain["scale"] == pytest.approx((1.1 * (lam_max + damping) + lam_min + damping) / 2, rel=1e-3)
+    # the automatic depth reaches the target: ε = 1e-8 gives a solve accurate to ~1e-8
+    for deflate in (0, 10):
+        X_tight, d_tight = _run(op, V, damping, batch_size=N, deflate=deflate, target=1e-8)
+        assert _rel(X_tight, ref) <= 1e-6, (deflate, _rel(X_tight, ref), d_tight["depth"])
     # the early stop on the update norm ‖h_j − h_{j−1}‖ ≤ rtol·‖v‖ ends the run well before max depth
     X_stop, d_stop = _run(op, V, damping, batch_size=N, deflate=10, depth=5000, rtol=1e-5)
     assert d_stop["stopped_early"] == 1 and d_stop["steps_run"][0] < 5000

@@ -11,8 +11,10 @@ A⁻¹ = (1/s) Σ_{j≥0} (I − A/s)^j is summed by the recursion
 
 where H_{B_j} is the curvature of a fresh mini-batch B_j (``CurvatureOperator.minibatch_matmat``)
 at every step, so E[H_B] = H. For V of shape ``(M, k)`` all k columns advance together:
-one mini-batch product on an ``(M, k)`` block per step. The error contracts like
-(1 − (λ_min + δ)/s)^J, so about (s / (λ_min + δ))·ln(1/ε) steps are needed; ``repeats``
+one mini-batch product on an ``(M, k)`` block per step. The error contracts like ρ^J with
+ρ = max(1 − (λ_min + δ)/s, (λ_max + δ)/s − 1), so about ln(1/ε)/−ln ρ steps are needed:
+(s / (λ_min + δ))·ln(1/ε) with the mini-batch scale s > λ_max + δ, and about half that with
+full-batch steps, whose scale sits at the middle of the spectrum; ``repeats``
 independent runs (different batches) are averaged to reduce the mini-batch noise.
 
 Mini-batch noise. Plain LiSSA's error has a noise floor of order σ/√(μ s) (σ the spread of
@@ -84,12 +86,14 @@ class LiSSACurvature(CurvatureBackend):
     The recursion:
 
     depth:
-        Recursion steps J per run. ``None``: J = ⌈(s / (λ̂_min + δ)) · ln(1/``target``)⌉ from
-        the estimated condition number of the (deflated) problem, at most 5000.
+        Recursion steps J per run. ``None``: J = ⌈ln(1/``target``) / −ln ρ⌉ with ρ the estimated
+        contraction factor per step (full batch), or ⌈(s / (λ̂_min + δ)) · ln(1/``target``)⌉
+        (mini-batches), from the estimated spectrum of the (deflated) problem; at most 5000.
     repeats:
         Independent runs averaged.
     scale:
-        s, fixed. ``None``: s = 1.1·max(λ̂ + δ, (λ̂_B + δ)/1.5), with λ̂ the largest
+        s, fixed. ``None``: with mini-batches s = 1.1·max(λ̂ + δ, (λ̂_B + δ)/1.5); with full-batch
+        steps and a λ_min estimate s = (1.1·(λ̂ + δ) + λ̂_min + δ)/2 (:meth:`scale_for`); λ̂ the largest
         eigenvalue of C on the complement of the deflated space (λ_max, or λ_{k+1} when
         deflating) and λ̂_B the largest over three mini-batch curvatures (b < n only).
     target:
@@ -123,7 +127,7 @@ class LiSSACurvature(CurvatureBackend):
         backend when this is unset (:meth:`accept_eigenpairs`).
 
     The defaults — ten deflated eigenpairs, full-batch steps, the automatic scale and depth —
-    are the configuration measured best in ``benchmarks/RESULTS.md``.
+    are the configuration measured best (``benchmarks/SOLVERS.md``, ``benchmarks/RESULTS.md``).
     lanczos_tol:
         Relative Ritz-residual tolerance (relative to λ_max) of LiSSA's own eigenpairs. Keep it
         tight when one eigenvalue stands far above the rest: a loose tolerance stops Lanczos
@@ -266,23 +270,48 @@ class LiSSACurvature(CurvatureBackend):
         self._mark_fitted(operator)
 
     # ------------------------------------------------------------------ parameters of one solve
+    def _full_batch(self) -> bool:
+        """Every step is an exact full-data product: the spectrum bounds of the complement hold
+        for every step, so the scale may sit between them."""
+        return self.lambda_batch is None and self.b >= self.operator.objective.n
+
     def scale_for(self, damping: float) -> float:
-        """The scale s used with damping δ (the given ``scale``, or the automatic rule)."""
+        """The scale s used with damping δ (the given ``scale``, or the automatic rule).
+
+        Mini-batch steps: s = 1.1·max(λ̂ + δ, (λ̂_B + δ)/1.5), above every step's curvature.
+        Full-batch steps with a λ_min estimate: s = (1.1·(λ̂ + δ) + (λ̂_min + δ))/2, the midpoint
+        of the complement's spectrum (its top with the 10 % margin), which minimises the
+        contraction factor max|1 − (λ + δ)/s| of the exact recursion."""
         if self.scale is not None:
             return float(self.scale)
         top = self.lambda_top + damping
+        mu = self.lambda_min + damping
+        if self._full_batch() and math.isfinite(mu) and 0 < mu < top:
+            return (SCALE_MARGIN * top + mu) / 2
         if self.lambda_batch is not None:
             top = max(top, (self.lambda_batch + damping) / 1.5)
         return SCALE_MARGIN * max(top, 1e-12)
 
+    def contraction(self, damping: float, scale: float) -> float:
+        """ρ = max(1 − (λ̂_min + δ)/s, (λ̂ + δ)/s − 1): the factor by which one exact step shrinks the
+        error on the complement (λ̂ its top eigenvalue); NaN without a λ_min estimate."""
+        mu = self.lambda_min + damping
+        return max(1 - mu / scale, (self.lambda_top + damping) / scale - 1)
+
     def depth_for(self, damping: float, scale: float) -> int:
-        """Recursion steps J for damping δ and scale s (the given ``depth``, or the automatic rule)."""
+        """Recursion steps J for damping δ and scale s (the given ``depth``, or the automatic rule):
+        J = ⌈ln(1/ε) / −ln ρ⌉ (:meth:`contraction`) for full-batch steps, ⌈(s/(λ̂_min + δ))·ln(1/ε)⌉
+        (its bound, with the mini-batch scale's ρ = 1 − (λ̂_min + δ)/s) for mini-batch steps."""
         if self.depth is not None:
             return self.depth
         mu = self.lambda_min + damping
         if not (mu > 0 and math.isfinite(scale / mu)):  # no λ_min estimate: the cap
             return MAX_AUTOMATIC_DEPTH
-        depth = math.ceil(scale / mu * math.log(1 / self.target))
+        rho = self.contraction(damping, scale)
+        if self._full_batch() and 0 < rho < 1:
+            depth = math.ceil(math.log(1 / self.target) / -math.log(rho))
+        else:
+            depth = math.ceil(scale / mu * math.log(1 / self.target))
         if depth > MAX_AUTOMATIC_DEPTH:
             warnings.warn(
                 f"lissa: the automatic depth would be {depth} steps (condition number s/(λ_min + δ) ≈ {scale / mu:.3g}); "
