@@ -9,9 +9,10 @@ two are corrupted test configurations: 20 % of the spins flipped at random, and 
 of σ = 0.5 added (spins no longer ±1). Training, test and OOD configurations come from
 independent chains (three seeds).
 
-Model: a ResNet on the torus (circular padding, so the network respects the lattice's
-periodicity): a 3×3 stem of width w, three basic blocks (two 3×3 convolutions, BatchNorm,
-ReLU, projection shortcut) of widths 2w, 4w, 8w at strides 2 (32 → 16 → 8 → 4), global average
+Model: a ResNet (zero padding, as usual; circular padding would respect the torus, but
+kronfluence builds its convolution patches with zero padding whatever the layer's mode, so a
+circular network would hand it wrong per-sample gradients): a 3×3 stem of width w, three
+basic blocks (two 3×3 convolutions, BatchNorm, ReLU, projection shortcut) of widths 2w, 4w, 8w at strides 2 (32 → 16 → 8 → 4), global average
 pooling and a linear head: 1,176·w² + 111·w + 2 parameters, float32.
 
 Sizes (``SIZES``): ``full`` w = 32 (1,207,778 parameters), n = 5,000 training configurations
@@ -137,7 +138,7 @@ def _size(size: str) -> IsingSize:
 
 # ---------------------------------------------------------------------------- the model
 def _conv3x3(c_in: int, c_out: int, stride: int) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, padding_mode="circular", bias=False)
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
 
 
 class BasicBlock(nn.Module):

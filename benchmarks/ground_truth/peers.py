@@ -8,7 +8,10 @@ the (T, n) matrix of the contract (``workload.py``):
 
 C the curvature of the objective L(θ) = (1/n) Σ ℓ + (wd/2)‖θ‖². The peers know no weight
 decay: they are given the loss alone, and damping δ + wd on its curvature, which is C + δI
-exactly (their test gradients then lack the wd·θ̃ term of the objective's, a small shift).
+exactly. Their gradients, training and test, are the loss's: the objective's add wd·θ̃ to
+each, which shifts every score of a test row by terms linear in g_i — compare them with our
+influence on the loss (``Objective(weight_decay=0)``, damping δ + wd, ``test_loss="loss"``)
+where the exact agreement matters, as the tests do.
 Each docstring states what the peer computes, and how its sign and scale were brought to the
 contract's; the sign of each was checked against the dense oracle on a logistic regression
 (``tests/test_ground_truth_peers.py``).
@@ -100,7 +103,8 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
 
     kronfluence fits Kronecker factors of the true Fisher (labels sampled from the model) of
     the summed cross-entropy, normalised per data point, with an eigenvalue correction, on its
-    Linear and Conv2d modules only (other parameters — BatchNorm's — are left out), and scores
+    Linear and Conv2d modules only (other parameters — BatchNorm's — are left out; Conv2d with
+    zero padding only, since it unfolds every convolution's input that way), and scores
     s(t, i) = g_tᵀ (F̂ + λ I)⁻¹ g_i with λ = δ + wd given explicitly. Its sign is the contract's
     (s > 0: z_i helps z_t); the contract's scale is s / n, which this adapter returns. Float64
     factors and scores when the model is float64, else float32.
@@ -125,6 +129,9 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
     model, X, y, Xt, yt = _setup(workload, model)
     if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
         raise PeerUnsupported("kronfluence supports Linear and Conv2d modules only; the model has none.")
+    if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in model.modules()):
+        raise PeerUnsupported("kronfluence unfolds Conv2d inputs with zero padding whatever the layer's "
+                              "padding_mode; this model pads otherwise, so its gradients would be wrong.")
     dtype = next(model.parameters()).dtype
     n, M = len(y), sum(p.numel() for p in model.parameters())
     batch = _batch(n, M)
@@ -238,16 +245,19 @@ def trak(workload: Workload, model: nn.Module, damping: float, *, proj_dim: int 
 
 
 # ---------------------------------------------------------------------------- dattri
-def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter: int = 100, tol: float = 1e-7,
+def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter: int = 50,
               unit_seconds: float | None = None) -> Attribution:
     """dattri's ``IFAttributorCG``: conjugate gradients on the mean-loss Hessian + λ I.
 
-    dattri solves (H + λ I) x = g_t by CG with exact HVPs (reverse-over-reverse) of the mean
-    loss over each batch of the caching data loader and sums the solutions over batches, so the
-    whole training set is handed over as one batch (otherwise the sum of per-batch inverses is
-    not the inverse of the mean). Scores s(i, t) = g_iᵀ (H + λ I)⁻¹ g_t with λ = δ + wd, shape
-    (n, T); its sign is the contract's (s > 0: z_i helps z_t); the contract's scale is s / n,
-    transposed, which this adapter returns.
+    dattri solves (H + λ I) x = g_t by exactly ``max_iter`` CG iterations (its tolerance is
+    not used, its source says so) with exact reverse-over-reverse HVPs of the mean loss over
+    each batch of the caching data loader, and sums the solutions over batches; so the whole
+    training set is handed over as one batch (otherwise the sum of per-batch inverses is not
+    the inverse of the mean), and the test points one at a time (dattri vmaps CG over a test
+    batch, holding that many HVP graphs of the whole training set at once). Scores
+    s(i, t) = g_iᵀ (H + λ I)⁻¹ g_t with λ = δ + wd, shape (n, T); its sign is the contract's
+    (s > 0: z_i helps z_t); the contract's scale is s / n, transposed, which this adapter
+    returns. Memory: one HVP graph of all n training points.
     """
     from dattri.algorithm.influence_function import IFAttributorCG
     from dattri.task import AttributionTask
@@ -261,16 +271,16 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
 
     def compute() -> Tensor:
         task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-        attributor = IFAttributorCG(task=task, device="cpu", max_iter=max_iter, tol=tol,
+        attributor = IFAttributorCG(task=task, device="cpu", max_iter=max_iter,
                                     regularization=damping + workload.weight_decay)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=n)
-        attributor.cache(loader)
-        scores = attributor.attribute(loader, torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(Xt, yt), batch_size=len(yt)))
+        train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=n)
+        attributor.cache(train)
+        scores = attributor.attribute(train, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xt, yt),
+                                                                         batch_size=1))
         return scores.T / n
 
     return _attribution("dattri: cg", workload, model, compute, unit_seconds,
-                        f"CG ≤ {max_iter} iterations (tol {tol:g}), exact loss HVPs, λ = δ + wd")
+                        f"CG, {max_iter} iterations, exact loss HVPs, λ = δ + wd")
 
 
 ADAPTERS: dict[str, Adapter] = {"kronfluence_ekfac": kronfluence_ekfac, "captum_arnoldi": captum_arnoldi,
