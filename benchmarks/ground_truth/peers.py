@@ -275,8 +275,9 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
                                     regularization=damping + workload.weight_decay)
         train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=n)
         attributor.cache(train)
-        scores = attributor.attribute(train, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xt, yt),
-                                                                         batch_size=1))
+        test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xt, yt), batch_size=1)
+        with torch.no_grad():      # dattri's results otherwise keep every HVP graph alive (torch.func inside)
+            scores = attributor.attribute(train, test)
         return scores.T / n
 
     return _attribution("dattri: cg", workload, model, compute, unit_seconds,
