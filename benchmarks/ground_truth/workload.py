@@ -45,6 +45,8 @@ class Workload:
         params: module-name patterns of the parameters studied (``None``: all of them).
         ood_X: inputs from outside the training distribution (for the LEES AUROC), may be empty.
         description: one line for the report (data, model, sizes).
+        warm_train: the routine that continues training from the parameters the model already
+            has (RUE's warm-started bootstrap retrains start from θ̃); ``None``: ``train``.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Workload:
     params: list[str] | None = None
     ood_X: Tensor | None = None
     description: str = ""
+    warm_train: Trainer | None = None
 
 
 @dataclass

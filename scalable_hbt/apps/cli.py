@@ -114,10 +114,17 @@ def _run(args: argparse.Namespace) -> int:
 
 BENCH_REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
 """The suite's runner and report generator (present in a source checkout, not in a wheel)."""
+GROUND_TRUTH_MODULE = "benchmarks.ground_truth.run"
+"""The ground-truth benchmark (``benchmarks/ground_truth/run.py``), run with ``python -m`` from the checkout."""
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Run ``benchmarks/report.py`` (pytest on benchmarks/, then RESULTS.md and plots) in a subprocess."""
+    """Run ``benchmarks/report.py`` (pytest on benchmarks/, then RESULTS.md and plots) in a subprocess;
+    with ``--ground-truth``, ``benchmarks/ground_truth/run.py`` (GROUND_TRUTH.md and its plots) instead."""
+    if args.ground_truth and args.device != "cpu":
+        print(f"hbt bench: --ground-truth runs on the CPU only (its retrains and peers are CPU-sized); "
+              f"drop --device {args.device}.", file=sys.stderr)
+        return 2
     if args.device.startswith("cuda"):
         import torch
 
@@ -132,11 +139,15 @@ def _bench(args: argparse.Namespace) -> int:
               "run it from a source checkout: pip install -e '.[bench]' && hbt bench", file=sys.stderr)
         return 2
     mode = "--full" if args.full else "--quick"
-    shown = f"hbt bench {mode} --device {args.device}" + (f" --out {args.out}" if args.out else "")
-    cmd = [sys.executable, str(BENCH_REPORT), mode, "--device", args.device, "--command", shown]
+    root = BENCH_REPORT.parent.parent
+    if args.ground_truth:
+        shown = f"hbt bench --ground-truth {mode}" + (f" --out {args.out}" if args.out else "")
+        cmd = [sys.executable, "-m", GROUND_TRUTH_MODULE, mode, "--command", shown]
+    else:
+        shown = f"hbt bench {mode} --device {args.device}" + (f" --out {args.out}" if args.out else "")
+        cmd = [sys.executable, str(BENCH_REPORT), mode, "--device", args.device, "--command", shown]
     if args.out:
         cmd += ["--out", str(Path(args.out).resolve())]
-    root = BENCH_REPORT.parent.parent
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     print("+ " + shlex.join(cmd), flush=True)
@@ -174,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     bench.add_argument("--out", default=None, metavar="DIR",
                        help="folder for RESULTS.md, results.json and plots/ (default: benchmarks/)")
+    bench.add_argument("--ground-truth", action="store_true",
+                       help="instead of the suite: score every backend and peer against retraining (LDS, RUE vs "
+                            "bootstrap ensembles, LEES vs ensemble disagreement and OOD) and write "
+                            "benchmarks/GROUND_TRUTH.md; --quick ≤ 30 min on a 2-core CPU, retrains cached and resumable")
     bench.set_defaults(func=_bench)
     return parser
 
