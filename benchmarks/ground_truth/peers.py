@@ -20,9 +20,9 @@ A peer that cannot be imported is listed in ``PEERS_UNAVAILABLE`` with the exact
 ``PEERS`` holds the adapters of the importable ones. An adapter raises ``PeerUnsupported``
 (with the reason) for a workload its peer cannot handle.
 
-Costs come from ``cost.measure`` around the whole computation (fit and scores): seconds,
-seconds in units of one full-data gradient (measured in the same process unless the caller
-passes ``unit_seconds``), and peak memory.
+Costs come from ``measure.measured`` around the whole computation (fit and scores): seconds,
+seconds in units of one full-data gradient of the workload's objective (``gradient_seconds``,
+measured in the same process unless the caller passes ``unit_seconds``), and peak memory.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .cost import gradient_seconds, measure
+from . import measure
+from .ours import build_objective
 from .workload import Attribution, Workload
 
 Adapter = Callable[..., Attribution]
@@ -85,15 +86,23 @@ def _batch(n: int, num_params: int) -> int:
     return int(max(1, min(n, 2**24 // max(num_params, 1))))
 
 
+def gradient_seconds(workload: Workload, model: nn.Module) -> float:
+    """One full-data gradient of the workload's objective at ``model``, in seconds (the median
+    of three after a warm-up): the benchmark's unit of time."""
+    return measure.gradient_seconds(build_objective(workload, model.eval()))
+
+
 def _attribution(method: str, workload: Workload, model: nn.Module, compute: Callable[[], Tensor],
                  unit_seconds: float | None, notes: str) -> Attribution:
     unit = unit_seconds if unit_seconds is not None else gradient_seconds(workload, model)
-    run = measure(compute, unit)
-    scores = run.result.detach().double().cpu().numpy()
+    if unit <= 0:
+        raise ValueError(f"unit_seconds must be > 0 (one full-data gradient's time); got {unit}.")
+    result, seconds, peak_mib = measure.measured(compute)
+    scores = result.detach().double().cpu().numpy()
     expected = (len(workload.test_y), len(workload.train_y))
     if scores.shape != expected:
         raise RuntimeError(f"{method} returned scores of shape {scores.shape}, expected (T, n) = {expected}.")
-    return Attribution(method, scores, run.seconds, run.gradients, run.peak_mib, notes=notes)
+    return Attribution(method, scores, seconds, seconds / unit, peak_mib, notes=notes)
 
 
 # ---------------------------------------------------------------------------- kronfluence
