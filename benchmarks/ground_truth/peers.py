@@ -81,9 +81,9 @@ def _setup(workload: Workload, model: nn.Module) -> tuple[nn.Module, Tensor, Ten
     return (model, workload.train_X.to(dtype), workload.train_y, workload.test_X.to(dtype), workload.test_y)
 
 
-def _batch(n: int, num_params: int) -> int:
-    """Rows per batch such that a batch of per-sample gradients holds ≤ 2²⁴ numbers."""
-    return int(max(1, min(n, 2**24 // max(num_params, 1))))
+def _batch(n: int, num_params: int, numbers: int = 2**24) -> int:
+    """Rows per batch such that a batch of per-sample gradients holds ≤ ``numbers`` numbers."""
+    return int(max(1, min(n, numbers // max(num_params, 1))))
 
 
 def gradient_seconds(workload: Workload, model: nn.Module) -> float:
@@ -230,7 +230,7 @@ def trak(workload: Workload, model: nn.Module, damping: float, *, proj_dim: int 
         raise ValueError(f"proj_dim must be > 100 (traker's CPU projector fails with a single block of "
                          f"≤ 100 columns); got {proj_dim}.")
     k = proj_dim
-    batch = _batch(n, M)
+    batch = _batch(n, M, 2**26)     # traker's CPU projector redraws P block by block for every batch
     reg = n * (damping + workload.weight_decay) * max(1.0, k / M)
 
     def compute() -> Tensor:
