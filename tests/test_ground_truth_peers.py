@@ -111,3 +111,15 @@ def test_unavailable_peers_are_reported_with_their_error():
     assert not set(peers.PEERS) & set(peers.PEERS_UNAVAILABLE)
     failures = peers._probe({"nonexistent": "no_such_module_for_peers"})
     assert "ModuleNotFoundError" in failures["nonexistent"]
+
+
+def test_kronfluence_refuses_layers_it_would_leave_out(problem):
+    pytest.importorskip("kronfluence")
+    workload, _, _ = problem
+    conv1d = nn.Sequential(nn.Unflatten(1, (1, D)), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2 * (D - 2), C)).double()
+    with pytest.raises(peers.PeerUnsupported, match="Conv1d"):
+        peers.kronfluence_ekfac(workload, conv1d, DELTA, unit_seconds=1.0)
+    circular = nn.Sequential(nn.Unflatten(1, (1, 2, 3)), nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"),
+                             nn.Flatten(), nn.Linear(12, C)).double()
+    with pytest.raises(peers.PeerUnsupported, match="padding"):
+        peers.kronfluence_ekfac(workload, circular, DELTA, unit_seconds=1.0)

@@ -112,8 +112,10 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
 
     kronfluence fits Kronecker factors of the true Fisher (labels sampled from the model) of
     the summed cross-entropy, normalised per data point, with an eigenvalue correction, on its
-    Linear and Conv2d modules only (other parameters — BatchNorm's — are left out; Conv2d with
-    zero padding only, since it unfolds every convolution's input that way), and scores
+    Linear and Conv2d modules only (normalisation layers' parameters are left out, as kronfluence
+    always does; a model with Conv1d or other convolutions is refused rather than answered
+    without them; Conv2d with zero padding only, since it unfolds every convolution's input that
+    way), and scores
     s(t, i) = g_tᵀ (F̂ + λ I)⁻¹ g_i with λ = δ + wd given explicitly. Its sign is the contract's
     (s > 0: z_i helps z_t); the contract's scale is s / n, which this adapter returns. Float64
     factors and scores when the model is float64, else float32.
@@ -138,6 +140,11 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
     model, X, y, Xt, yt = _setup(workload, model)
     if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
         raise PeerUnsupported("kronfluence supports Linear and Conv2d modules only; the model has none.")
+    other_convs = sorted({type(m).__name__ for m in model.modules()
+                          if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d))})
+    if other_convs:
+        raise PeerUnsupported(f"kronfluence has no {', '.join(other_convs)} support: it would silently leave those "
+                              f"layers out of the influence.")
     if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in model.modules()):
         raise PeerUnsupported("kronfluence unfolds Conv2d inputs with zero padding whatever the layer's "
                               "padding_mode; this model pads otherwise, so its gradients would be wrong.")
