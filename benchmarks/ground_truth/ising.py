@@ -6,27 +6,28 @@ disordered (class 1) — the "machine learning phases of matter" setting. The tr
 temperatures leave out the open band (2.2, 2.35) around T_c, its edges included, so the
 hardest trained points sit where the 32 × 32 lattice is already half-disordered; configurations
 from inside the band are the first kind of out-of-distribution input (critical clusters the
-network never saw). The other
-two are corrupted test configurations: 20 % of the spins flipped at random, and Gaussian noise
-of σ = 0.5 added (spins no longer ±1). Training, test and OOD configurations come from
-independent chains (three seeds).
+network never saw). The other two are corrupted test configurations: 20 % of the spins
+flipped at random, and Gaussian noise of σ = 0.5 added (spins no longer ±1). Training, test
+and OOD configurations come from independent chains (three seeds).
 
 Model: a ResNet (zero padding, as usual; circular padding would respect the torus, but
 kronfluence builds its convolution patches with zero padding whatever the layer's mode, so a
 circular network would hand it wrong per-sample gradients): a 3×3 stem of width w, three
-basic blocks (two 3×3 convolutions, BatchNorm, ReLU, projection shortcut) of widths 2w, 4w, 8w at strides 2 (32 → 16 → 8 → 4), global average
-pooling and a linear head: 1,176·w² + 111·w + 2 parameters, float32.
+basic blocks (two 3×3 convolutions, BatchNorm, ReLU, projection shortcut) of widths 2w, 4w,
+8w at strides 2 (32 → 16 → 8 → 4), global average pooling and a linear head:
+1,176·w² + 111·w + 2 parameters, float32.
 
 Sizes (``SIZES``): ``full`` w = 32 (1,207,778 parameters), n = 5,000 training configurations
 (250 at each of 20 temperatures), 200 test; ``quick`` w = 8 (76,154 parameters), n = 2,000
-(100 per temperature), 100 test; ``tiny`` (CI) w = 4 (19,262 parameters), L = 16, n = 200 (10 temperatures), 20 test.
+(100 per temperature), 100 test; ``tiny`` (CI) w = 4 (19,262 parameters), L = 16, n = 200
+(10 temperatures), 20 test.
 
 Training (``ResNetRecipe``): Adam on mini-batches in train mode (BatchNorm normalises by batch
-statistics and updates its running averages), learning rate decaying linearly to 0; then the
-same number of ``frozen_epochs`` with the model in eval mode (BatchNorm uses the frozen running
-statistics, its affine parameters still train), again with a decaying rate. The second phase
-brings θ̃ near a minimum of the eval-mode objective L(θ) = (1/n) Σ CE + (wd/2)‖θ‖², the function
-whose curvature the library takes; the warm start of RUE's retrains is that phase alone. The
+statistics and updates its running averages), learning rate decaying linearly to 0; then
+``frozen_epochs`` with the model in eval mode (BatchNorm uses the frozen running statistics,
+its affine parameters still train), again with a decaying rate. The second phase brings θ̃
+near a minimum of the eval-mode objective L(θ) = (1/n) Σ CE + (wd/2)‖θ‖², the function whose
+curvature the library takes; the warm start of RUE's retrains is that phase alone. The
 regulariser is in the loss (not decoupled), so ``weight_decay`` is the objective's.
 
 Configurations are cached as one ``.npz`` per size under the folder the caller names (default
