@@ -123,3 +123,10 @@ def test_kronfluence_refuses_layers_it_would_leave_out(problem):
                              nn.Flatten(), nn.Linear(12, C)).double()
     with pytest.raises(peers.PeerUnsupported, match="padding"):
         peers.kronfluence_ekfac(workload, circular, DELTA, unit_seconds=1.0)
+
+
+def test_dattri_refuses_a_run_over_its_time_budget(problem):
+    pytest.importorskip("dattri")
+    workload, model, _ = problem
+    with pytest.raises(peers.PeerUnsupported, match="would take"):
+        peers.dattri_cg(workload, model, DELTA, max_seconds=0.0, unit_seconds=1.0)

@@ -31,6 +31,7 @@ import copy
 import importlib
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def trak(workload: Workload, model: nn.Module, damping: float, *, proj_dim: int 
 
 # ---------------------------------------------------------------------------- dattri
 def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter: int = 50,
-              unit_seconds: float | None = None) -> Attribution:
+              max_seconds: float | None = 600.0, unit_seconds: float | None = None) -> Attribution:
     """dattri's ``IFAttributorCG``: conjugate gradients on the mean-loss Hessian + λ I.
 
     dattri solves (H + λ I) x = g_t by exactly ``max_iter`` CG iterations (its tolerance is
@@ -274,21 +275,41 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
     s(i, t) = g_iᵀ (H + λ I)⁻¹ g_t with λ = δ + wd, shape (n, T); its sign is the contract's
     (s > 0: z_i helps z_t); the contract's scale is s / n, transposed, which this adapter
     returns. Memory: one HVP graph of all n training points.
+
+    Cost: T·(max_iter + 1) HVPs of the whole training set. One such HVP (dattri's own
+    ``hvp_at_x``) is timed first; when the predicted time exceeds ``max_seconds`` (``None``:
+    no limit) the adapter raises ``PeerUnsupported`` with the prediction instead of running.
     """
     from dattri.algorithm.influence_function import IFAttributorCG
+    from dattri.func.hessian import hvp_at_x
+    from dattri.func.utils import flatten_func, flatten_params
     from dattri.task import AttributionTask
 
     model, X, y, Xt, yt = _setup(workload, model)
-    n = len(y)
+    n, T = len(y), len(yt)
+    reg = damping + workload.weight_decay
 
     def loss(params, data):
         x, t = data
         return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), t)
 
+    if max_seconds is not None:
+        flat = flatten_func(model)(loss)
+        theta = flatten_params({k: p.detach() for k, p in model.named_parameters()})
+        hvp = hvp_at_x(lambda q: flat(q, (X, y)), x=(theta,), mode="rev-rev", regularization=reg)
+        with torch.no_grad():
+            hvp(torch.ones_like(theta))                                     # warm-up
+            start = time.perf_counter()
+            hvp(torch.ones_like(theta))
+            predicted = T * (max_iter + 1) * (time.perf_counter() - start)
+        if predicted > max_seconds:
+            raise PeerUnsupported(f"dattri CG would take ≈ {predicted:.0f} s here (T = {T} test points × "
+                                  f"{max_iter + 1} HVPs of all n = {n} points, one measured), over the "
+                                  f"max_seconds = {max_seconds:.0f} s budget.")
+
     def compute() -> Tensor:
         task = AttributionTask(loss_func=loss, model=model, checkpoints=model.state_dict())
-        attributor = IFAttributorCG(task=task, device="cpu", max_iter=max_iter,
-                                    regularization=damping + workload.weight_decay)
+        attributor = IFAttributorCG(task=task, device="cpu", max_iter=max_iter, regularization=reg)
         train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=n)
         attributor.cache(train)
         test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xt, yt), batch_size=1)
