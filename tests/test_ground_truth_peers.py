@@ -130,3 +130,10 @@ def test_dattri_refuses_a_run_over_its_time_budget(problem):
     workload, model, _ = problem
     with pytest.raises(peers.PeerUnsupported, match="would take"):
         peers.dattri_cg(workload, model, DELTA, max_seconds=0.0, unit_seconds=1.0)
+
+
+def test_captum_refuses_a_run_over_its_time_budget(problem):
+    pytest.importorskip("captum")
+    workload, model, _ = problem
+    with pytest.raises(peers.PeerUnsupported, match="would take"):
+        peers.captum_arnoldi(workload, model, DELTA, max_seconds=0.0, unit_seconds=1.0)

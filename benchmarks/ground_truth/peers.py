@@ -181,7 +181,8 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
 
 # ---------------------------------------------------------------------------- captum
 def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank: int = 50,
-                   arnoldi_dim: int = 200, seed: int = 0, unit_seconds: float | None = None) -> Attribution:
+                   arnoldi_dim: int = 200, seed: int = 0, max_seconds: float | None = 600.0,
+                   unit_seconds: float | None = None) -> Attribution:
     """captum's ``ArnoldiInfluenceFunction`` (Schioppa et al. 2022).
 
     captum runs ``arnoldi_dim`` Arnoldi steps with exact HVPs of the summed loss Hessian
@@ -191,6 +192,11 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
     top-``rank`` subspace, nothing outside it. With hessian_reg = n(δ + wd) this is the
     contract's (1/n) g_tᵀ V (Λ + δ + wd)⁻¹ Vᵀ g_i, sign and scale as they are (checked: the
     full-rank case equals the dense influence). ``rank`` and ``arnoldi_dim`` are capped at M.
+
+    Cost: ``arnoldi_dim`` HVPs of the whole training set (then per-sample gradients). One HVP
+    as captum computes it (``torch.autograd.functional.hvp`` of the summed loss, batch by
+    batch) is timed first; when ``arnoldi_dim`` of them exceed ``max_seconds`` (``None``: no
+    limit) the adapter raises ``PeerUnsupported`` with the prediction instead of running.
     """
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
 
@@ -198,6 +204,24 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
     n, M = len(y), sum(p.numel() for p in model.parameters())
     dim = min(arnoldi_dim, M)
     k = min(rank, dim)
+    batch = _batch(n, M)
+    if max_seconds is not None:
+        params = tuple(model.parameters())
+        names = [name for name, _ in model.named_parameters()]
+
+        def summed_loss(*values: Tensor, x: Tensor, t: Tensor) -> Tensor:
+            out = torch.func.functional_call(model, dict(zip(names, values)), (x,))
+            return nn.functional.cross_entropy(out, t, reduction="sum")
+
+        v = tuple(torch.ones_like(p) for p in params)
+        start = time.perf_counter()
+        for begin in range(0, n, batch):
+            x, t = X[begin:begin + batch], y[begin:begin + batch]
+            torch.autograd.functional.hvp(lambda *w: summed_loss(*w, x=x, t=t), params, v)
+        predicted = dim * (time.perf_counter() - start)
+        if predicted > max_seconds:
+            raise PeerUnsupported(f"captum's Arnoldi would take ≈ {predicted:.0f} s here ({dim} HVPs of all n = {n} "
+                                  f"points, one measured), over the max_seconds = {max_seconds:.0f} s budget.")
 
     def compute() -> Tensor:
         with tempfile.TemporaryDirectory() as out:
@@ -205,7 +229,7 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
             torch.save(model.state_dict(), checkpoint)
             influence = ArnoldiInfluenceFunction(
                 model, torch.utils.data.TensorDataset(X, y), checkpoint,
-                loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=_batch(n, M), projection_dim=k,
+                loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=batch, projection_dim=k,
                 arnoldi_dim=dim, seed=seed, hessian_reg=n * (damping + workload.weight_decay))
             return influence.influence((Xt, yt))
 
