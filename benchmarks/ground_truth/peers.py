@@ -196,7 +196,9 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
     Cost: ``arnoldi_dim`` HVPs of the whole training set (then per-sample gradients). One HVP
     as captum computes it (``torch.autograd.functional.hvp`` of the summed loss, batch by
     batch) is timed first; when ``arnoldi_dim`` of them exceed ``max_seconds`` (``None``: no
-    limit) the adapter raises ``PeerUnsupported`` with the prediction instead of running.
+    limit) the adapter raises ``PeerUnsupported`` with the prediction instead of running. The
+    prediction is a lower bound (it leaves out the per-sample gradients and the Arnoldi
+    bookkeeping).
     """
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
 
@@ -302,7 +304,8 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
 
     Cost: T·(max_iter + 1) HVPs of the whole training set. One such HVP (dattri's own
     ``hvp_at_x``) is timed first; when the predicted time exceeds ``max_seconds`` (``None``:
-    no limit) the adapter raises ``PeerUnsupported`` with the prediction instead of running.
+    no limit) the adapter raises ``PeerUnsupported`` with the prediction instead of running. The
+    prediction is a lower bound: dattri's vmapped CG runs slower than the bare HVPs.
     """
     from dattri.algorithm.influence_function import IFAttributorCG
     from dattri.func.hessian import hvp_at_x
