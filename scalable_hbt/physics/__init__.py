@@ -4,6 +4,9 @@
   (ground states in the Fock basis, CDW-I order parameter, on-disk cache).
 * `datasets`: the paper's labelled training and test sets, min-max scaling, and the
   sign-flip and permuted (out-of-distribution) variants.
+* `ising`: seeded samples of the 2D Ising model on a periodic square lattice
+  (Swendsen–Wang clusters or checkerboard Metropolis over many chains at once), with
+  Onsager's and Yang's exact energy and magnetisation as references.
 * `models`: the paper's 740-parameter CNN, a 1675-parameter size-invariant CNN with global
   average pooling, and a seeded training routine in two regimes (Adam + L-BFGS to a tight
   minimum, or SGD with momentum and a decreasing learning rate stopped after a fixed budget).
@@ -35,6 +38,15 @@ from .hubbard import (
     ground_states,
     hamiltonian,
     site_occupations,
+)
+from .ising import (
+    T_CRITICAL,
+    IsingSamples,
+    energy_per_site,
+    magnetisation_per_site,
+    onsager_energy_per_site,
+    sample_ising,
+    spontaneous_magnetisation,
 )
 from .models import (
     GAP_CNN_RECIPE,
@@ -72,6 +84,13 @@ __all__ = [
     "phase_labels",
     "training_grid",
     "training_set",
+    "T_CRITICAL",
+    "IsingSamples",
+    "energy_per_site",
+    "magnetisation_per_site",
+    "onsager_energy_per_site",
+    "sample_ising",
+    "spontaneous_magnetisation",
     "Optimizer",
     "PaperCNN",
     "Schedule",
