@@ -21,8 +21,8 @@
   process (``cost_worker.py``), against the formulas of ``docs/cost.md`` (ratio
   measured / predicted).
 
-Timings are ratios of interleaved rounds (``harness.Interleaved``); a round of the
-published-like comparison takes minutes on one thread, so quick mode runs 3 rounds there.
+Timings are ratios of interleaved rounds (``harness.Interleaved``), ``settings.rounds``
+of them (at least ``MIN_ROUNDS``) in every mode.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from harness import Interleaved
 from scipy.stats import spearmanr
-from settings import QUICK
+from settings import QUICK, rounds
 
 from scalable_hbt import Toolbox
 from scalable_hbt.apps.demo import DemoConfig, matrix_free_toolbox, train_classifier
@@ -57,11 +57,11 @@ PUBLISHED_DAMPING = 0.3
 PUBLISHED_POINTS_PER_PHASE = 500
 TEST_V1 = (0.1, 0.5, 1.0, 1.5, 3.0, 30.0)
 """V1 of the 6 influence test points (the nearest reference test points)."""
-PUBLISHED_ROUNDS = 3 if QUICK else 5
+PUBLISHED_ROUNDS = rounds(5)
 REFERENCE_RTOL = 1e-13
 """Quick mode's reference for the published-like model: CG this tight (the dense fit, 740 HVPs
 at n = 1000, is full mode's)."""
-DEMO_ROUNDS = 5 if QUICK else 7
+DEMO_ROUNDS = rounds(7)
 N_BOOTSTRAP = 50
 EQUAL_ACCURACY = 1e-6
 """The accuracy both solvers are asked for in the demo's LiSSA-vs-CG comparison."""
@@ -139,8 +139,7 @@ def test_lissa_defaults_published_like(benchmark):
         "lissa_depth": ld.get("depth"), "lissa_fit_hvps": ld.get("fit_hvps"), "lissa_scale": ld.get("scale"),
         "cg_iterations": cg["diagnostics"]["inverse"].get("iterations"),
         "time_ratio": _ratio_row("LiSSA (defaults, fit included) / CG time", ratio, LISSA_TIME_GOAL,
-                                 f"{ratio['rounds']} interleaved rounds" + (" (quick: a round takes minutes)"
-                                                                             if QUICK else "")),
+                                 f"{ratio['rounds']} interleaved rounds"),
         "spearman_met": bool(min(sp_lissa) >= SPEARMAN_GOAL), "seconds": timer.summary()["median_seconds"],
     }
     benchmark.extra_info.update(kind="solvers_published", published=row)
