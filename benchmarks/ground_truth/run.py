@@ -58,7 +58,7 @@ RUE_ROWS = ("dense (Hessian)", "cg (Hessian)", "cg (GGN)", "kfac (GGN)", "ekfac 
 
 
 def peer_functions() -> dict[str, Any]:
-    """The peers' adapters ``(workload, model, damping) -> Attribution``: ``peers.PEERS`` if it
+    """The peers' adapters ``(workload, model, damping, *, unit_seconds) -> Attribution``: ``peers.PEERS`` if it
     exists, else every public function of ``peers.py`` named in its ``__all__``."""
     module = optional_module("peers")
     if module is None:
@@ -86,9 +86,9 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
         if progress:
             print(f"[{time.perf_counter() - t_start:7.1f}s] {workload.name}: {msg}", flush=True)
 
-    model = truths.retrain(workload, cache, "trained", np.arange(len(workload.train_y)), 0)
+    model = truths.retrain(workload, cache, "trained", np.arange(len(workload.train_y)), workload.seed)
     # the ground truths first: they are cached, so a run killed later resumes without retraining
-    subsets = truths.subset_truth(workload, cache, plan.K, progress=progress)
+    subsets = truths.subset_truth(workload, cache, plan.K, model_seed=workload.seed, progress=progress)
     boot = truths.bootstrap_truth(workload, cache, model, plan.B, progress=progress)
     loo = truths.leave_one_out_truth(workload, cache, model, plan.loo, progress=progress) if plan.loo else None
     log(f"retrains: {len(cache.trained)} trained, {len(cache.loaded)} from the cache")
@@ -101,6 +101,7 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
     attributions: list[Attribution] = []
     rue_values: dict[str, np.ndarray] = {}
     failures: dict[str, str] = {}
+    dense_toolbox = None
     for backend in ours.backends(objective, ours.Budget.for_size(size)):
         try:
             attribution, tb = ours.attribute(workload, objective, backend, delta, grad_s)
@@ -108,6 +109,8 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
             log(f"{attribution.method}: {attribution.seconds:.1f} s = {attribution.gradients:.0f} gradients")
             if backend.label in RUE_ROWS:
                 rue_values[backend.label] = ours.rue(tb, workload)
+            if backend.label == ours.DENSE_LABEL:
+                dense_toolbox = tb
             del tb
         except Exception as err:  # a failing backend is a row with its error, not a lost run
             failures[f"ours: {backend.label}"] = f"{type(err).__name__}: {err}"
@@ -115,7 +118,7 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
     if with_peers:
         for name, fn in peer_functions().items():
             try:
-                attribution = fn(workload, _clone(model, workload), delta)
+                attribution = fn(workload, _clone(model, workload), delta, unit_seconds=grad_s)
                 attributions.append(attribution)
                 log(f"{attribution.method}: {attribution.seconds:.1f} s")
             except Exception as err:
@@ -126,7 +129,7 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
     inputs = workload.test_X if workload.ood_X is None else torch.cat([workload.test_X,
                                                                         workload.ood_X.to(workload.test_X.dtype)])
     is_ood = np.r_[np.zeros(len(workload.test_X), bool), np.ones(len(inputs) - len(workload.test_X), bool)]
-    lees_values = ours.lees(objective, inputs, delta)
+    lees_values = ours.lees(objective, inputs, delta, dense=dense_toolbox)
 
     rows = []
     for a in attributions:
