@@ -170,3 +170,20 @@ def test_recipe_trainer_is_seeded_and_warm_continues_with_its_own_recipe():
     moved = (trained(1, trainer.warm, start) - first).norm()
     assert 0 < moved < 0.1 * (trained(1, trainer, start) - first).norm()  # lr/10, an eighth of the steps
     assert trainer.warm.recipe is short
+
+
+def test_rows_past_the_deadline_are_skipped_and_listed(tmp_path):
+    import time
+
+    from benchmarks.ground_truth.report import render
+    from benchmarks.ground_truth.run import run_workload
+
+    result = run_workload(logistic_workload(), "tiny", tmp_path / "cache", progress=False, with_peers=False,
+                          deadline=time.perf_counter())
+    assert result["rows"] == [] and result["failures"]
+    assert all(v.startswith("skipped") for v in result["failures"].values())
+    assert "ours: cg (GGN)" in result["failures"] and "ours: dense (Hessian)" in result["failures"]
+    text = render({"command": "test", "size": "tiny", "date": "today", "seconds": 1.0,
+                   "machine": {"platform": "p", "processor": "cpu", "cpu_count": 2, "python": "3", "torch": "2",
+                               "OMP_NUM_THREADS": "1"}, "workloads": [result]})
+    assert "| ours: cg (GGN) | skipped |" in text

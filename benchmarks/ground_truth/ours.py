@@ -76,10 +76,12 @@ def choose_damping(objective: Objective, max_iter: int = 60) -> dict[str, float]
 
 @dataclass(frozen=True)
 class Backend:
-    """One row: its name in the tables and the Toolbox settings behind it."""
+    """One row: its name in the tables, the Toolbox settings behind it, and whether it is costly
+    (hundreds of full-data HVPs or more whatever the accuracy asked: dense, LiSSA)."""
 
     label: str
     settings: dict[str, Any] = field(default_factory=dict)
+    costly: bool = False
 
 
 def backends(objective: Objective, budget: Budget) -> Iterator[Backend]:
@@ -87,7 +89,7 @@ def backends(objective: Objective, budget: Budget) -> Iterator[Backend]:
     n, M = objective.n, objective.num_params
     cg = {"inverse": "cg", "inverse_options": {"rtol": budget.cg_rtol, "max_iter": budget.cg_max_iter}}
     if M <= DENSE_MAX:  # one eigendecomposition serves the inverse and LEES (``lees(dense=...)``)
-        yield Backend(DENSE_LABEL, {"inverse": "dense", "eigen": "dense"})
+        yield Backend(DENSE_LABEL, {"inverse": "dense", "eigen": "dense"}, costly=True)
     yield Backend("cg (Hessian)", cg)
     yield Backend("cg (GGN)", {**cg, "curvature": "ggn"})
     m = min(budget.lowrank_m, M // 2)
@@ -95,7 +97,8 @@ def backends(objective: Objective, budget: Budget) -> Iterator[Backend]:
     batch = n // 10 if n >= 1000 else None
     yield Backend("lissa" + (f" (b={batch})" if batch else " (full batch)"),
                   {"inverse": "lissa", "inverse_options": {"batch_size": batch, "depth": budget.lissa_depth,
-                                                           "deflate": min(10, M // 2), "warn_residual": None}})
+                                                           "deflate": min(10, M // 2), "warn_residual": None}},
+                  costly=True)
     yield Backend("kfac (GGN)", {"inverse": "kfac"})
     yield Backend("ekfac (GGN)", {"inverse": "ekfac"})
 
@@ -130,20 +133,14 @@ def rue(tb: Toolbox, workload: Workload) -> np.ndarray:
 
 def lees(objective: Objective, inputs: Tensor, damping: float,
          dense: Toolbox | None = None) -> dict[str, tuple[np.ndarray, float, float]]:
-    """LEES on ``inputs`` (predicted labels) from the exact dense spectrum (threshold τ = 0.1, where
-    M fits) and from Lanczos (m = ``LANCZOS_M``): label → (scores, seconds, peak MiB).
-
-    ``dense``: the dense influence row's fitted Toolbox (its eigendecomposition is LEES's), reused
-    instead of a second dense fit; its seconds are then the scoring's alone (the fit is in the
-    influence row)."""
+    """LEES on ``inputs`` (predicted labels) from Lanczos (m = ``LANCZOS_M``) and, given ``dense``
+    (the dense influence row's fitted Toolbox: its eigendecomposition is LEES's, so no second
+    dense fit), from the exact spectrum with threshold τ = 0.1; the dense row's seconds are the
+    scoring's alone (the fit is the influence row's). Label → (scores, seconds, peak MiB)."""
     out = {}
-    if objective.num_params <= DENSE_MAX:
-        def dense_scores() -> Tensor:
-            tb = dense if dense is not None else Toolbox(objective, damping=damping, inverse="dense", eigen="dense")
-            return tb.extrapolation_score(inputs, threshold=0.1)
-        values, seconds, peak = measured(dense_scores)
-        label = "dense, τ = 0.1" + (" (the influence row's fit)" if dense is not None else "")
-        out[label] = (values.double().numpy(), seconds, peak)
+    if dense is not None:
+        values, seconds, peak = measured(lambda: dense.extrapolation_score(inputs, threshold=0.1))
+        out["dense, τ = 0.1 (the influence row's fit)"] = (values.double().numpy(), seconds, peak)
 
     m = min(LANCZOS_M, objective.num_params // 2)
 

@@ -87,6 +87,14 @@ def goals(w: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _status(error: str) -> str:
+    """A row that did not run: refused by its adapter (too slow, unsupported layers), skipped at
+    the run's deadline, or failed."""
+    if error.startswith("PeerUnsupported"):
+        return "refused"
+    return "skipped" if error.startswith("skipped") else "failed"
+
+
 def _load_note(results: dict[str, Any]) -> str:
     """Whether other work shared the machine (1-minute load average against the cores)."""
     m = results["machine"]
@@ -151,7 +159,7 @@ def render(results: dict[str, Any]) -> str:
                          f"{_f(r.get('loo_pearson'))} | {_f(r['gradients'])} | {_f(r['seconds'])} | "
                          f"{_f(r['peak_mib'])} | {_f(r['hvps'])} | {r['notes']} |")
         for name, err in w["failures"].items():
-            lines.append(f"| {name} | failed | | | | | | | {err[:160]} |")
+            lines.append(f"| {name} | {_status(err)} | | | | | | | {err[:240]} |")
         lines += ["", "| RUE backend | Spearman (warm) | RUE / Var (warm, median) | Spearman (scratch) | "
                   "RUE / Var (scratch, median) |", "|---|---|---|---|---|"]
         for r in w["rue"]:

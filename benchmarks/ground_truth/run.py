@@ -76,8 +76,10 @@ def _clone(model: torch.nn.Module, workload: Workload) -> torch.nn.Module:
 
 
 def run_workload(workload: Workload, size: str, cache_root: Path | None, progress: bool = True,
-                 with_peers: bool = True) -> dict[str, Any]:
-    """Everything measured on one workload, as JSON-ready data."""
+                 with_peers: bool = True, deadline: float | None = None) -> dict[str, Any]:
+    """Everything measured on one workload, as JSON-ready data. ``deadline`` (a
+    ``time.perf_counter()`` value): rows not started by then are skipped and listed as failures
+    (the retrains are cached, so a later run completes them)."""
     plan = PLANS[size]
     cache = RetrainCache(cache_root, workload)
     t_start = time.perf_counter()
@@ -102,7 +104,18 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
     rue_values: dict[str, np.ndarray] = {}
     failures: dict[str, str] = {}
     dense_toolbox = None
-    for backend in ours.backends(objective, ours.Budget.for_size(size)):
+
+    def past_deadline(name: str) -> bool:
+        if deadline is None or time.perf_counter() < deadline:
+            return False
+        failures[name] = "skipped: the run's --deadline-minutes had passed"
+        log(f"{name} skipped (deadline)")
+        return True
+
+    def run_ours(backend: ours.Backend) -> None:
+        nonlocal dense_toolbox
+        if past_deadline(f"ours: {backend.label}"):
+            return
         try:
             attribution, tb = ours.attribute(workload, objective, backend, delta, grad_s)
             attributions.append(attribution)
@@ -115,8 +128,16 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
         except Exception as err:  # a failing backend is a row with its error, not a lost run
             failures[f"ours: {backend.label}"] = f"{type(err).__name__}: {err}"
             log(f"ours: {backend.label} failed: {err}")
+
+    # costly rows (dense, LiSSA) after the peers: a deadline drops them first
+    rows_of_ours = list(ours.backends(objective, ours.Budget.for_size(size)))
+    for backend in rows_of_ours:
+        if not backend.costly:
+            run_ours(backend)
     if with_peers:
         for name, fn in peer_functions().items():
+            if past_deadline(f"peer {name}"):
+                continue
             try:
                 attribution = fn(workload, _clone(model, workload), delta, unit_seconds=grad_s)
                 attributions.append(attribution)
@@ -126,6 +147,9 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
                 log(f"peer {name} failed: {err}")
                 if progress:
                     traceback.print_exc()
+    for backend in rows_of_ours:
+        if backend.costly:
+            run_ours(backend)
     inputs = workload.test_X if workload.ood_X is None else torch.cat([workload.test_X,
                                                                         workload.ood_X.to(workload.test_X.dtype)])
     is_ood = np.r_[np.zeros(len(workload.test_X), bool), np.ones(len(inputs) - len(workload.test_X), bool)]
@@ -191,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only re-render from ground_truth.json files (their workloads are concatenated; "
                              "the first file's command, machine and date are kept)")
     parser.add_argument("--command", default=None, help="the command shown in the report")
+    parser.add_argument("--deadline-minutes", type=float, default=None,
+                        help="start no backend or peer after this many minutes; the skipped rows are listed")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -213,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ground truth: unknown workload(s) {unknown}; available: {list(available)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    deadline = None if args.deadline_minutes is None else t0 + 60.0 * args.deadline_minutes
     results: dict[str, Any] = {
         "command": args.command or "python -m benchmarks.ground_truth.run " + " ".join(argv or sys.argv[1:]),
         "size": size, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -221,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         workload = available[name](size)
         results["workloads"].append(run_workload(workload, size, args.cache, progress=not args.no_progress,
-                                                 with_peers=not args.no_peers))
+                                                 with_peers=not args.no_peers, deadline=deadline))
         results["seconds"] = time.perf_counter() - t0
         results["load_end"] = os.getloadavg()[0]
         (args.out / "ground_truth.json").write_text(json.dumps(results, indent=1, default=float))
