@@ -140,6 +140,9 @@ def render(results: dict[str, Any]) -> str:
              "**RUE** (bootstrap, B = 50, δ' = δ + 1) against the variance of each test loss over bootstrap "
              "retrains warm-started from θ̃ and from scratch. **LEES** against the disagreement Σ_c Var p(c|x) of "
              "the from-scratch bootstrap ensemble, and OOD AUROC of both.", ""]
+    lines += ["## Goals at a glance", "", "| workload | goal | verdict | numbers |", "|---|---|---|---|"]
+    lines += [f"| {w['name']} | {g} | **{v}** | {detail} |" for w in results["workloads"] for g, v, detail in goals(w)]
+    lines.append("")
     for w in results["workloads"]:
         d = w["damping"]
         lines += [f"## {w['name']}", "", f"{w['description']}. M = {w['M']:,} studied parameters, n = {w['n']}, "
