@@ -88,7 +88,7 @@ def backends(objective: Objective, budget: Budget) -> Iterator[Backend]:
     """The rows for this objective (dense only where it fits)."""
     n, M = objective.n, objective.num_params
     cg = {"inverse": "cg", "inverse_options": {"rtol": budget.cg_rtol, "max_iter": budget.cg_max_iter}}
-    if M <= DENSE_MAX:  # one eigendecomposition serves the inverse and LEES (``lees(dense=...)``)
+    if M <= DENSE_MAX:  # one eigendecomposition serves the inverse and LEES (``lees_dense``)
         yield Backend(DENSE_LABEL, {"inverse": "dense", "eigen": "dense"}, costly=True)
     yield Backend("cg (Hessian)", cg)
     yield Backend("cg (GGN)", {**cg, "curvature": "ggn"})
@@ -131,22 +131,21 @@ def rue(tb: Toolbox, workload: Workload) -> np.ndarray:
     return tb.rue(workload.test_X, workload.test_y, n_bootstrap=RUE_BOOTSTRAP, seed=0, test_loss="loss").double().numpy()
 
 
-def lees(objective: Objective, inputs: Tensor, damping: float,
-         dense: Toolbox | None = None) -> dict[str, tuple[np.ndarray, float, float]]:
-    """LEES on ``inputs`` (predicted labels) from Lanczos (m = ``LANCZOS_M``) and, given ``dense``
-    (the dense influence row's fitted Toolbox: its eigendecomposition is LEES's, so no second
-    dense fit), from the exact spectrum with threshold τ = 0.1; the dense row's seconds are the
-    scoring's alone (the fit is the influence row's). Label → (scores, seconds, peak MiB)."""
-    out = {}
-    if dense is not None:
-        values, seconds, peak = measured(lambda: dense.extrapolation_score(inputs, threshold=0.1))
-        out["dense, τ = 0.1 (the influence row's fit)"] = (values.double().numpy(), seconds, peak)
+def lees_dense(dense: Toolbox, inputs: Tensor) -> dict[str, tuple[np.ndarray, float, float]]:
+    """LEES on ``inputs`` (predicted labels) from the exact spectrum, threshold τ = 0.1, of the dense
+    influence row's fitted Toolbox (its eigendecomposition is LEES's, so no second dense fit; the
+    seconds are the scoring's alone). Label → (scores, seconds, peak MiB)."""
+    values, seconds, peak = measured(lambda: dense.extrapolation_score(inputs, threshold=0.1))
+    return {"dense, τ = 0.1 (the influence row's fit)": (values.double().numpy(), seconds, peak)}
 
+
+def lees_lanczos(objective: Objective, inputs: Tensor, damping: float) -> dict[str, tuple[np.ndarray, float, float]]:
+    """LEES on ``inputs`` (predicted labels) from the top m = ``LANCZOS_M`` Lanczos eigenpairs of
+    the Hessian (about 2m HVPs). Label → (scores, seconds, peak MiB)."""
     m = min(LANCZOS_M, objective.num_params // 2)
 
     def lanczos() -> Tensor:
         return Toolbox(objective, damping=damping, inverse="cg", eigen="lanczos",
                        eigen_options={"m": m, "tol": 1e-4}).extrapolation_score(inputs, m=m)
     values, seconds, peak = measured(lanczos)
-    out[f"lanczos, m = {m}"] = (values.double().numpy(), seconds, peak)
-    return out
+    return {f"lanczos, m = {m}": (values.double().numpy(), seconds, peak)}

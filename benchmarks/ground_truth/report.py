@@ -111,6 +111,9 @@ def _load_note(results: dict[str, Any]) -> str:
 def caveats(w: dict[str, Any]) -> list[str]:
     """Where the ground truth itself is weak, measured from it (saturated losses, round-off-level variances)."""
     out = []
+    if w.get("partial"):
+        out.append("The run was stopped before this workload finished: the rows below are those done by then "
+                   "(every row not listed, and the LEES rows missing below, did not run).")
     defined = w.get("lds_defined")
     if defined is not None and defined < w["T"]:
         out.append(f"{w['T'] - defined} of {w['T']} test points have exactly the same loss under every subset model "

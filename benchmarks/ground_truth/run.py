@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,10 +77,12 @@ def _clone(model: torch.nn.Module, workload: Workload) -> torch.nn.Module:
 
 
 def run_workload(workload: Workload, size: str, cache_root: Path | None, progress: bool = True,
-                 with_peers: bool = True, deadline: float | None = None) -> dict[str, Any]:
+                 with_peers: bool = True, deadline: float | None = None,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Everything measured on one workload, as JSON-ready data. ``deadline`` (a
     ``time.perf_counter()`` value): rows not started by then are skipped and listed as failures
-    (the retrains are cached, so a later run completes them)."""
+    (the retrains are cached, so a later run completes them). ``on_progress`` receives the
+    partial result after every row (so that a run stopped part-way leaves its finished rows)."""
     plan = PLANS[size]
     cache = RetrainCache(cache_root, workload)
     t_start = time.perf_counter()
@@ -129,11 +132,47 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
             failures[f"ours: {backend.label}"] = f"{type(err).__name__}: {err}"
             log(f"ours: {backend.label} failed: {err}")
 
-    # costly rows (dense, LiSSA) after the peers: a deadline drops them first
+    inputs = workload.test_X if workload.ood_X is None else torch.cat([workload.test_X,
+                                                                        workload.ood_X.to(workload.test_X.dtype)])
+    is_ood = np.r_[np.zeros(len(workload.test_X), bool), np.ones(len(inputs) - len(workload.test_X), bool)]
+    lees_values: dict[str, tuple[np.ndarray, float, float]] = {}
+
+    def result() -> dict[str, Any]:
+        """Everything measured so far, scored."""
+        rows = []
+        for a in attributions:
+            s = scores.lds(a.scores, subsets.masks, subsets.losses)
+            row = {"method": a.method, "lds": s["mean"], "lds_lo": s["lo"], "lds_hi": s["hi"], "seconds": a.seconds,
+                   "gradients": a.gradients, "peak_mib": a.peak_mib, "hvps": a.hvps, "notes": a.notes}
+            if loo is not None:
+                row.update({f"loo_{k}": v for k, v in scores.leave_one_out(a.scores, loo.removed, loo.change).items()})
+            rows.append(row)
+        rue_rows = [{"backend": label, "values": values.tolist(),
+                     **{f"warm_{k}": v for k, v in scores.rue_scores(values, boot.warm_variance).items()},
+                     **{f"scratch_{k}": v for k, v in scores.rue_scores(values, boot.scratch_variance).items()}}
+                    for label, values in rue_values.items()]
+        lees_rows = [{"backend": label, "seconds": sec, "peak_mib": peak,
+                      **scores.lees_scores(values, boot.disagreement, is_ood)}
+                     for label, (values, sec, peak) in lees_values.items()]
+        return {"name": workload.name, "description": workload.description, "M": objective.num_params,
+                "n": objective.n, "T": len(workload.test_y), "n_ood": int(is_ood.sum()), "damping": damp,
+                "gradient_seconds": grad_s, "plan": plan.__dict__, "lds_noise": _lds_noise(subsets),
+                "lds_defined": lds_defined(subsets),
+                "rows": rows, "failures": dict(failures), "rue": rue_rows,
+                "warm_variance": boot.warm_variance.tolist(), "scratch_variance": boot.scratch_variance.tolist(),
+                "lees": lees_rows, "retrains": {"trained": len(cache.trained), "loaded": len(cache.loaded)},
+                "seconds": time.perf_counter() - t_start}
+
+    def report_progress() -> None:
+        if on_progress is not None:
+            on_progress(result())
+
+    # costly rows (dense, LiSSA) after the peers and LEES: a deadline drops them first
     rows_of_ours = list(ours.backends(objective, ours.Budget.for_size(size)))
     for backend in rows_of_ours:
         if not backend.costly:
             run_ours(backend)
+            report_progress()
     if with_peers:
         for name, fn in peer_functions().items():
             if past_deadline(f"peer {name}"):
@@ -147,38 +186,17 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
                 log(f"peer {name} failed: {err}")
                 if progress:
                     traceback.print_exc()
+            report_progress()
+    lees_values.update(ours.lees_lanczos(objective, inputs, delta))
+    report_progress()
     for backend in rows_of_ours:
         if backend.costly:
             run_ours(backend)
-    inputs = workload.test_X if workload.ood_X is None else torch.cat([workload.test_X,
-                                                                        workload.ood_X.to(workload.test_X.dtype)])
-    is_ood = np.r_[np.zeros(len(workload.test_X), bool), np.ones(len(inputs) - len(workload.test_X), bool)]
-    lees_values = ours.lees(objective, inputs, delta, dense=dense_toolbox)
-
-    rows = []
-    for a in attributions:
-        s = scores.lds(a.scores, subsets.masks, subsets.losses)
-        row = {"method": a.method, "lds": s["mean"], "lds_lo": s["lo"], "lds_hi": s["hi"], "seconds": a.seconds,
-               "gradients": a.gradients, "peak_mib": a.peak_mib, "hvps": a.hvps, "notes": a.notes}
-        if loo is not None:
-            row.update({f"loo_{k}": v for k, v in scores.leave_one_out(a.scores, loo.removed, loo.change).items()})
-        rows.append(row)
-    rue_rows = [{"backend": label, "values": values.tolist(),
-                 **{f"warm_{k}": v for k, v in scores.rue_scores(values, boot.warm_variance).items()},
-                 **{f"scratch_{k}": v for k, v in scores.rue_scores(values, boot.scratch_variance).items()}}
-                for label, values in rue_values.items()]
-    lees_rows = [{"backend": label, "seconds": sec, "peak_mib": peak,
-                  **scores.lees_scores(values, boot.disagreement, is_ood)}
-                 for label, (values, sec, peak) in lees_values.items()]
+            report_progress()
+    if dense_toolbox is not None:
+        lees_values.update(ours.lees_dense(dense_toolbox, inputs))
     log("done")
-    return {"name": workload.name, "description": workload.description, "M": objective.num_params,
-            "n": objective.n, "T": len(workload.test_y), "n_ood": int(is_ood.sum()), "damping": damp,
-            "gradient_seconds": grad_s, "plan": plan.__dict__, "lds_noise": _lds_noise(subsets),
-            "lds_defined": lds_defined(subsets),
-            "rows": rows, "failures": failures, "rue": rue_rows,
-            "warm_variance": boot.warm_variance.tolist(), "scratch_variance": boot.scratch_variance.tolist(),
-            "lees": lees_rows, "retrains": {"trained": len(cache.trained), "loaded": len(cache.loaded)},
-            "seconds": time.perf_counter() - t_start}
+    return result()
 
 
 def lds_defined(subsets: truths.SubsetTruth) -> int:
@@ -245,14 +263,18 @@ def main(argv: list[str] | None = None) -> int:
         "size": size, "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "workloads": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        workload = available[name](size)
-        results["workloads"].append(run_workload(workload, size, args.cache, progress=not args.no_progress,
-                                                 with_peers=not args.no_peers, deadline=deadline))
-        results["seconds"] = time.perf_counter() - t0
-        results["load_end"] = os.getloadavg()[0]
+    def write(done: list[dict[str, Any]]) -> None:
+        results.update(workloads=done, seconds=time.perf_counter() - t0, load_end=os.getloadavg()[0])
         (args.out / "ground_truth.json").write_text(json.dumps(results, indent=1, default=float))
         write_report(results, args.out)
+
+    finished: list[dict[str, Any]] = []
+    for name in names:
+        workload = available[name](size)
+        finished.append(run_workload(workload, size, args.cache, progress=not args.no_progress,
+                                     with_peers=not args.no_peers, deadline=deadline,
+                                     on_progress=lambda partial: write([*finished, {**partial, "partial": True}])))
+        write(finished)
     print(f"ground truth: {len(names)} workload(s) in {time.perf_counter() - t0:.0f} s; "
           f"wrote {args.out / 'GROUND_TRUTH.md'}")
     return 0
