@@ -76,31 +76,32 @@ def choose_damping(objective: Objective, max_iter: int = 60) -> dict[str, float]
 
 @dataclass(frozen=True)
 class Backend:
-    """One row: its name in the tables, the Toolbox settings behind it, and whether it is costly
-    (hundreds of full-data HVPs or more whatever the accuracy asked: dense, LiSSA)."""
+    """One row: its name in the tables, the Toolbox settings behind it, and its cost tier: 0 a
+    few dozen HVPs or none (K-FAC, EK-FAC, low rank), 1 iterations × T HVPs (CG), 2 hundreds of
+    HVPs or more whatever the accuracy asked (dense: M; LiSSA: depth × T)."""
 
     label: str
     settings: dict[str, Any] = field(default_factory=dict)
-    costly: bool = False
+    tier: int = 0
 
 
 def backends(objective: Objective, budget: Budget) -> Iterator[Backend]:
-    """The rows for this objective (dense only where it fits)."""
+    """The rows for this objective (dense only where it fits), cheapest tier first."""
     n, M = objective.n, objective.num_params
     cg = {"inverse": "cg", "inverse_options": {"rtol": budget.cg_rtol, "max_iter": budget.cg_max_iter}}
-    if M <= DENSE_MAX:  # one eigendecomposition serves the inverse and LEES (``lees_dense``)
-        yield Backend(DENSE_LABEL, {"inverse": "dense", "eigen": "dense"}, costly=True)
-    yield Backend("cg (Hessian)", cg)
-    yield Backend("cg (GGN)", {**cg, "curvature": "ggn"})
     m = min(budget.lowrank_m, M // 2)
+    yield Backend("kfac (GGN)", {"inverse": "kfac"})
+    yield Backend("ekfac (GGN)", {"inverse": "ekfac"})
     yield Backend(f"lowrank m={m}", {"inverse": "lowrank", "inverse_options": {"m": m, "tol": 1e-4}})
+    yield Backend("cg (GGN)", {**cg, "curvature": "ggn"}, tier=1)
+    yield Backend("cg (Hessian)", cg, tier=1)
+    if M <= DENSE_MAX:  # one eigendecomposition serves the inverse and LEES (``lees_dense``)
+        yield Backend(DENSE_LABEL, {"inverse": "dense", "eigen": "dense"}, tier=2)
     batch = n // 10 if n >= 1000 else None
     yield Backend("lissa" + (f" (b={batch})" if batch else " (full batch)"),
                   {"inverse": "lissa", "inverse_options": {"batch_size": batch, "depth": budget.lissa_depth,
                                                            "deflate": min(10, M // 2), "warn_residual": None}},
-                  costly=True)
-    yield Backend("kfac (GGN)", {"inverse": "kfac"})
-    yield Backend("ekfac (GGN)", {"inverse": "ekfac"})
+                  tier=2)
 
 
 def toolbox(objective: Objective, backend: Backend, damping: float) -> Toolbox:

@@ -167,10 +167,11 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
         if on_progress is not None:
             on_progress(result())
 
-    # costly rows (dense, LiSSA) after the peers and LEES: a deadline drops them first
+    # the cheapest rows first, the peers and LEES after them, then CG and the costly rows: a
+    # deadline drops the most expensive first
     rows_of_ours = list(ours.backends(objective, ours.Budget.for_size(size)))
     for backend in rows_of_ours:
-        if not backend.costly:
+        if backend.tier == 0:
             run_ours(backend)
             report_progress()
     if with_peers:
@@ -190,7 +191,7 @@ def run_workload(workload: Workload, size: str, cache_root: Path | None, progres
     lees_values.update(ours.lees_lanczos(objective, inputs, delta))
     report_progress()
     for backend in rows_of_ours:
-        if backend.costly:
+        if backend.tier > 0:
             run_ours(backend)
             report_progress()
     if dense_toolbox is not None:
