@@ -131,8 +131,11 @@ def test_run_scores_every_backend_and_writes_the_report(tmp_path):
     from benchmarks.ground_truth.run import run_workload
 
     w = logistic_workload()
-    result = run_workload(w, "tiny", tmp_path / "cache", progress=False, with_peers=False)
+    partial = []
+    result = run_workload(w, "tiny", tmp_path / "cache", progress=False, with_peers=False,
+                          on_progress=partial.append)
     assert not result["failures"], result["failures"]
+    assert [len(p["rows"]) for p in partial][:3] == [1, 2, 3] and partial[-1]["rows"] == result["rows"]
     methods = {r["method"] for r in result["rows"]}
     assert {"ours: dense (Hessian)", "ours: cg (GGN)", "ours: ekfac (GGN)"} <= methods
     dense = next(r for r in result["rows"] if r["method"] == "ours: dense (Hessian)")
@@ -142,4 +145,48 @@ def test_run_scores_every_backend_and_writes_the_report(tmp_path):
                               "OMP_NUM_THREADS": "1"}, "workloads": [result]}, tmp_path)
     text = (tmp_path / REPORT).read_text()
     assert "## logistic" in text and "ours: ekfac (GGN)" in text and "| goal | verdict | numbers |" in text
+    assert "dense, τ = 0.1 (the influence row's fit)" in [r["backend"] for r in result["lees"]]
     assert (tmp_path / "plots" / "ground_truth_lds_vs_time.png").stat().st_size > 0
+
+
+def test_recipe_trainer_is_seeded_and_warm_continues_with_its_own_recipe():
+    from benchmarks.ground_truth.workloads import RecipeTrainer
+    from scalable_hbt.physics import TrainingRecipe
+
+    w = logistic_workload()
+    long = TrainingRecipe(optimizer="sgd", lr=0.1, momentum=0.9, schedule="step", steps=40, batch_size=8,
+                          lbfgs_iterations=0)
+    short = TrainingRecipe(optimizer="sgd", lr=0.01, momentum=0.9, schedule="step", steps=5, batch_size=8,
+                           lbfgs_iterations=0)
+    trainer = RecipeTrainer(long, WD, short)
+
+    def trained(seed: int, train=trainer, start=None) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Linear(D, C).double()
+        if start is not None:
+            model.load_state_dict(start)
+        return nn.utils.parameters_to_vector(train(model, w.train_X, w.train_y, seed).parameters()).detach()
+
+    first = trained(1)
+    assert torch.equal(first, trained(1)) and not torch.equal(first, trained(2))
+    start = dict(zip(["weight", "bias"], [first[:C * D].view(C, D), first[C * D:]]))
+    moved = (trained(1, trainer.warm, start) - first).norm()
+    assert 0 < moved < 0.1 * (trained(1, trainer, start) - first).norm()  # lr/10, an eighth of the steps
+    assert trainer.warm.recipe is short
+
+
+def test_rows_past_the_deadline_are_skipped_and_listed(tmp_path):
+    import time
+
+    from benchmarks.ground_truth.report import render
+    from benchmarks.ground_truth.run import run_workload
+
+    result = run_workload(logistic_workload(), "tiny", tmp_path / "cache", progress=False, with_peers=False,
+                          deadline=time.perf_counter())
+    assert result["rows"] == [] and result["failures"]
+    assert all(v.startswith("skipped") for v in result["failures"].values())
+    assert "ours: cg (GGN)" in result["failures"] and "ours: dense (Hessian)" in result["failures"]
+    text = render({"command": "test", "size": "tiny", "date": "today", "seconds": 1.0,
+                   "machine": {"platform": "p", "processor": "cpu", "cpu_count": 2, "python": "3", "torch": "2",
+                               "OMP_NUM_THREADS": "1"}, "workloads": [result]})
+    assert "| ours: cg (GGN) | skipped |" in text

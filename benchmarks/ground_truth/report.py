@@ -87,6 +87,14 @@ def goals(w: dict[str, Any]) -> list[tuple[str, str, str]]:
     return out
 
 
+def _status(error: str) -> str:
+    """A row that did not run: refused by its adapter (too slow, unsupported layers), skipped at
+    the run's deadline, or failed."""
+    if error.startswith("PeerUnsupported"):
+        return "refused"
+    return "skipped" if error.startswith("skipped") else "failed"
+
+
 def _load_note(results: dict[str, Any]) -> str:
     """Whether other work shared the machine (1-minute load average against the cores)."""
     m = results["machine"]
@@ -103,6 +111,9 @@ def _load_note(results: dict[str, Any]) -> str:
 def caveats(w: dict[str, Any]) -> list[str]:
     """Where the ground truth itself is weak, measured from it (saturated losses, round-off-level variances)."""
     out = []
+    if w.get("partial"):
+        out.append("The run was stopped before this workload finished: the rows below are those done by then "
+                   "(every row not listed, and the LEES rows missing below, did not run).")
     defined = w.get("lds_defined")
     if defined is not None and defined < w["T"]:
         out.append(f"{w['T'] - defined} of {w['T']} test points have exactly the same loss under every subset model "
@@ -132,6 +143,9 @@ def render(results: dict[str, Any]) -> str:
              "**RUE** (bootstrap, B = 50, δ' = δ + 1) against the variance of each test loss over bootstrap "
              "retrains warm-started from θ̃ and from scratch. **LEES** against the disagreement Σ_c Var p(c|x) of "
              "the from-scratch bootstrap ensemble, and OOD AUROC of both.", ""]
+    lines += ["## Goals at a glance", "", "| workload | goal | verdict | numbers |", "|---|---|---|---|"]
+    lines += [f"| {w['name']} | {g} | **{v}** | {detail} |" for w in results["workloads"] for g, v, detail in goals(w)]
+    lines.append("")
     for w in results["workloads"]:
         d = w["damping"]
         lines += [f"## {w['name']}", "", f"{w['description']}. M = {w['M']:,} studied parameters, n = {w['n']}, "
@@ -151,7 +165,7 @@ def render(results: dict[str, Any]) -> str:
                          f"{_f(r.get('loo_pearson'))} | {_f(r['gradients'])} | {_f(r['seconds'])} | "
                          f"{_f(r['peak_mib'])} | {_f(r['hvps'])} | {r['notes']} |")
         for name, err in w["failures"].items():
-            lines.append(f"| {name} | failed | | | | | | | {err[:160]} |")
+            lines.append(f"| {name} | {_status(err)} | | | | | | | {err[:240]} |")
         lines += ["", "| RUE backend | Spearman (warm) | RUE / Var (warm, median) | Spearman (scratch) | "
                   "RUE / Var (scratch, median) |", "|---|---|---|---|---|"]
         for r in w["rue"]:

@@ -48,8 +48,10 @@ def bootstrap_counts(n: int, B: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=B)
 
 
-def trained_model(workload: Workload, seed: int = 0) -> nn.Module:
-    """The studied model θ̃: ``workload.make_model()`` under ``torch.manual_seed(seed)``, trained on all points."""
+def trained_model(workload: Workload, seed: int | None = None) -> nn.Module:
+    """The studied model θ̃: ``workload.make_model()`` under ``torch.manual_seed(seed)`` (default
+    ``workload.seed``), trained on all points."""
+    seed = workload.seed if seed is None else seed
     torch.manual_seed(seed)
     model = workload.make_model()
     return workload.train(model, workload.train_X, workload.train_y, seed)

@@ -47,6 +47,8 @@ class Workload:
         description: one line for the report (data, model, sizes).
         warm_train: the routine that continues training from the parameters the model already
             has (RUE's warm-started bootstrap retrains start from θ̃); ``None``: ``train``.
+        seed: the initialisation and mini-batch seed of the studied model θ̃ and of the LDS
+            subset models.
     """
 
     name: str
@@ -62,6 +64,7 @@ class Workload:
     ood_X: Tensor | None = None
     description: str = ""
     warm_train: Trainer | None = None
+    seed: int = 0
 
 
 @dataclass
