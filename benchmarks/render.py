@@ -384,7 +384,7 @@ def render(data: dict, *, command: str, outcome: str, wall: float | None, json_n
     ctx = Context(data, command, outcome, wall)
     out = ["# Benchmark results", ""]
     out.append(f"- Command: `{command}`")
-    out.append(f"- Mode: {ctx.mode}" + (" (a ≤ 15-minute run: reduced sizes, every time ratio the median of "
+    out.append(f"- Mode: {ctx.mode}" + (" (reduced sizes, about half an hour on 2 cores, every time ratio the median of "
                                         "5 interleaved rounds)"
                                         if ctx.mode == "quick" else ""))
     out.append(f"- Machine: {ctx.machine}")

@@ -2,7 +2,7 @@
 
 Usage, from the repository root (``hbt bench`` calls this)::
 
-    OMP_NUM_THREADS=1 python benchmarks/report.py --quick               # ≤ 15 min on a 2-core CPU
+    OMP_NUM_THREADS=1 python benchmarks/report.py --quick               # about half an hour on a 2-core CPU
     python benchmarks/report.py --full --device cuda                    # longer, larger sizes
     python benchmarks/report.py --from-json benchmarks/results.json     # only re-render
     python benchmarks/report.py --quick -- -k accuracy                  # extra pytest arguments
@@ -72,7 +72,7 @@ def write_report(json_path: Path, out_dir: Path, command: str, outcome: str, wal
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="≤ 15 min on CPU (default)")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="reduced sizes, about half an hour on 2 CPU cores (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="more rounds, larger sizes")
     ap.set_defaults(mode="quick")
     ap.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default: %(default)s)")

@@ -1,6 +1,6 @@
 """Run settings of the benchmark suite, read once from the environment.
 
-``HBT_BENCH_MODE``: ``quick`` (a ≤ 15-minute CPU run: the minimum of rounds, the reduced
+``HBT_BENCH_MODE``: ``quick`` (about half an hour on a 2-core CPU: the minimum of rounds, the reduced
 physics grid, scaling up to M ≈ 1e6) or ``full`` (the default: more rounds, the paper's 500
 points per phase, scaling up to M ≈ 1e7). ``HBT_BENCH_QUICK=1`` is another spelling of
 ``HBT_BENCH_MODE=quick``.

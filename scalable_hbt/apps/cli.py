@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     bench = sub.add_parser("bench", help="run the benchmark suite and write benchmarks/RESULTS.md and plots",
                            description="Exact vs approximate backends, peers side by side, scaling in M and n. "
-                                       "Quick mode: ≤ 15 minutes on a 2-core CPU.")
+                                       "Quick mode: about half an hour on a 2-core CPU.")
     size = bench.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the ≤ 15-minute run (default)")
+    size.add_argument("--quick", action="store_true", help="reduced sizes, about half an hour on 2 CPU cores (default)")
     size.add_argument("--full", action="store_true", help="more rounds, the paper's data size, M up to 1e7")
     bench.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     bench.add_argument("--out", default=None, metavar="DIR",
