@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+from ground_truth.peers import kronfluence_classification_task
 from harness import Interleaved
 from physics_problems import PhysicsProblem
 from settings import MIN_ROUNDS, rounds
@@ -196,28 +197,6 @@ def test_curvlinops_kfac(benchmark, physics_problem):
 
 
 # ---------------------------------------------------------------------------- kronfluence
-class _ClassificationTask:
-    """kronfluence task: summed cross-entropy; with ``sample=True`` labels drawn from the model (true Fisher)."""
-
-    def __new__(cls):
-        from kronfluence.task import Task
-
-        class Classification(Task):
-            def compute_train_loss(self, batch, model, sample=False):
-                x, t = batch
-                logits = model(x)
-                if sample:
-                    with torch.no_grad():
-                        t = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).flatten()
-                return nn.functional.cross_entropy(logits, t, reduction="sum")
-
-            def compute_measurement(self, batch, model):
-                x, t = batch
-                return nn.functional.cross_entropy(model(x), t, reduction="sum")
-
-        return Classification()
-
-
 def _kronfluence_scores(problem: PhysicsProblem, damping: float, out_dir, name: str) -> torch.Tensor:
     """Pairwise EK-FAC scores g_tᵀ(Ĝ + damping·I)⁻¹ g_r / n, shape (5, n), in float64."""
     from kronfluence.analyzer import Analyzer, prepare_model
@@ -225,7 +204,7 @@ def _kronfluence_scores(problem: PhysicsProblem, damping: float, out_dir, name: 
 
     obj = problem.objective
     X, y = obj.train.take(range(obj.n))
-    task = _ClassificationTask()
+    task = kronfluence_classification_task()
     model = prepare_model(copy.deepcopy(obj.model), task)
     analyzer = Analyzer(name, model=model, task=task, cpu=obj.device.type == "cpu", disable_tqdm=True,
                         log_level=logging.WARNING, output_dir=str(out_dir))

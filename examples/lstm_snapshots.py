@@ -52,8 +52,8 @@ from scalable_hbt import Objective, Toolbox
 from scalable_hbt.curvature import CGCurvature, EKFACCurvature, KFACFallbackWarning, LanczosCurvature, LiSSACurvature
 from scalable_hbt.memory import format_bytes
 from scalable_hbt.metrics import agreement, auroc, top_k
-from scalable_hbt.physics import V1_TRANSITION, phase_labels
-from snapshots_common import Phases, bayes_accuracy, born_samples, to_numpy
+from scalable_hbt.physics import V1_TRANSITION, born_samples, phase_labels
+from snapshots_common import Phases, bayes_accuracy, to_numpy
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,9 @@ import numpy as np
 import torch
 
 from scalable_hbt.memory import PeakMemory, format_bytes, resident_bytes
-from scalable_hbt.physics import V1_TRANSITION, ground_states, site_occupations
+from scalable_hbt.physics import V1_TRANSITION, ground_states
 
 T = TypeVar("T")
-
-
-def born_samples(L: int, v1_values: tuple[float, ...], per_v1: int, rng: np.random.Generator,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """``per_v1`` projective measurements of every site's occupation in the exact ground state at
-    each V1: Fock states n drawn with the Born probability |ψ(n)|². Returns the occupations
-    ``(N, L)`` int8 and the V1 of each snapshot ``(N,)``."""
-    psi = ground_states(L, list(v1_values), progress=progress)
-    occ = site_occupations(L)
-    rows, v1 = [], []
-    for value, amplitudes in zip(v1_values, psi):
-        p = amplitudes**2
-        rows.append(occ[rng.choice(len(occ), size=per_v1, p=p / p.sum())])
-        v1.append(np.full(per_v1, float(value)))
-    return np.concatenate(rows), np.concatenate(v1)
 
 
 def bayes_accuracy(L: int, train_v1: tuple[float, ...], test_v1: tuple[float, ...]) -> dict[str, float]:

@@ -64,9 +64,9 @@ from scalable_hbt import Objective, Toolbox
 from scalable_hbt.curvature import CGCurvature, EKFACCurvature, LanczosCurvature
 from scalable_hbt.memory import format_bytes
 from scalable_hbt.metrics import agreement, auroc, relative_error, top_k_overlap
-from scalable_hbt.physics import V1_TRANSITION, ground_states
+from scalable_hbt.physics import V1_TRANSITION, born_samples, ground_states
 from scalable_hbt.task import IGNORE_INDEX, Task, causal_lm_cross_entropy
-from snapshots_common import Phases, bayes_accuracy, born_samples, to_numpy
+from snapshots_common import Phases, bayes_accuracy, to_numpy
 
 LL_TOKEN, CDW_TOKEN = 2, 3
 """Vocabulary: 0 and 1 are occupations, 2 and 3 the phase tokens (LL: V1 ≤ 1, CDW-I: V1 > 1)."""

@@ -107,6 +107,28 @@ def _attribution(method: str, workload: Workload, model: nn.Module, compute: Cal
 
 
 # ---------------------------------------------------------------------------- kronfluence
+def kronfluence_classification_task():
+    """kronfluence's ``Task`` for a classifier of (x, t) batches: the summed cross-entropy as training
+    loss (with ``sample=True`` the labels are drawn from the model's predictive distribution, i.e. the
+    true Fisher) and as the measurement."""
+    from kronfluence.task import Task
+
+    class Classification(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            x, t = batch
+            logits = model(x)
+            if sample:
+                with torch.no_grad():
+                    t = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).flatten()
+            return nn.functional.cross_entropy(logits, t, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            x, t = batch
+            return nn.functional.cross_entropy(model(x), t, reduction="sum")
+
+    return Classification()
+
+
 def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
                       unit_seconds: float | None = None) -> Attribution:
     """kronfluence's EK-FAC pairwise influence (its ``Analyzer``, strategy "ekfac").
@@ -123,20 +145,6 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
     """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
-    from kronfluence.task import Task
-
-    class Classification(Task):
-        def compute_train_loss(self, batch, model, sample=False):
-            x, t = batch
-            logits = model(x)
-            if sample:
-                with torch.no_grad():
-                    t = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).flatten()
-            return nn.functional.cross_entropy(logits, t, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, t = batch
-            return nn.functional.cross_entropy(model(x), t, reduction="sum")
 
     model, X, y, Xt, yt = _setup(workload, model)
     if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
@@ -154,7 +162,7 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
     batch = _batch(n, M)
 
     def compute() -> Tensor:
-        task = Classification()
+        task = kronfluence_classification_task()
         tracked = prepare_model(copy.deepcopy(model), task)
         with tempfile.TemporaryDirectory() as out:
             analyzer = Analyzer("peer", model=tracked, task=task, cpu=True, disable_tqdm=True,

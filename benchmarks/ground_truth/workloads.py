@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from scalable_hbt.physics import (PAPER_CNN_RECIPE, MinMaxScaler, PaperCNN, TrainingRecipe, evaluation_set,
-                                  ground_states, paper_weight_decay, permute_components, site_occupations,
+from scalable_hbt.physics import (PAPER_CNN_RECIPE, MinMaxScaler, PaperCNN, TrainingRecipe, born_samples,
+                                  evaluation_set, ground_states, paper_weight_decay, permute_components,
                                   training_set)
 
 from .training import Recipe
@@ -197,16 +197,10 @@ class SnapshotPhaseGPT(nn.Module):
 
 def born_snapshots(v1_values: tuple[float, ...], per_v1: int, rng: np.random.Generator) -> tuple[torch.Tensor,
                                                                                                  np.ndarray]:
-    """``per_v1`` Born-rule measurements of every site's occupation in the L = 12 ground state at
-    each V1: tokens (N, L) int64 and the V1 of each (N,)."""
-    psi = ground_states(SNAPSHOT_L, list(v1_values), progress=False)
-    occupations = site_occupations(SNAPSHOT_L)
-    rows, v1 = [], []
-    for value, amplitudes in zip(v1_values, psi):
-        p = amplitudes ** 2
-        rows.append(occupations[rng.choice(len(occupations), size=per_v1, p=p / p.sum())])
-        v1.append(np.full(per_v1, float(value)))
-    return torch.as_tensor(np.concatenate(rows), dtype=torch.long), np.concatenate(v1)
+    """``per_v1`` Born-rule snapshots of the L = 12 ground state at each V1 (``physics.born_samples``):
+    tokens (N, L) int64 and the V1 of each (N,)."""
+    occupations, v1 = born_samples(SNAPSHOT_L, v1_values, per_v1, rng)
+    return torch.as_tensor(occupations, dtype=torch.long), v1
 
 
 def gpt2_snapshots(size: Size = "quick") -> Workload:

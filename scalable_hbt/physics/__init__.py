@@ -31,6 +31,7 @@ from .datasets import (
 )
 from .hubbard import (
     DEFAULT_FIELD,
+    born_samples,
     CacheDir,
     cdw_order_parameter,
     default_cache_dir,
@@ -65,6 +66,7 @@ from .models import (
 
 __all__ = [
     "DEFAULT_FIELD",
+    "born_samples",
     "CacheDir",
     "cdw_order_parameter",
     "default_cache_dir",
