@@ -22,6 +22,7 @@ from importlib import metadata
 from typing import Any
 
 from render_solvers import solvers_markdown
+from tables import _table, fmt
 
 from scalable_hbt.memory import format_bytes
 
@@ -35,25 +36,6 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    """A number for a table: 3 significant digits, '—' for missing or NaN."""
-    if x is None or (isinstance(x, float) and x != x):
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.{max(digits - 1, 1)}e}"
-    return f"{x:.{digits}g}" if abs(x) < 100 else f"{x:.0f}"
-
-
-def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in r) + " |" for r in rows]
-    return out + [""]
 
 
 class Context:

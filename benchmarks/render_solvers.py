@@ -8,21 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from tables import fmt
+
 from scalable_hbt.memory import format_bytes
 
 
 def _fmt(x: Any) -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "—"
-    if isinstance(x, bool):
-        return "met" if x else "**not met**"
-    if isinstance(x, int):
-        return f"{x:,}"
-    if isinstance(x, float):
-        if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-            return f"{x:.2e}"
-        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
-    return str(x)
+    """A table cell, a boolean goal read as met / not met."""
+    return fmt(x, booleans=("met", "**not met**"))
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
