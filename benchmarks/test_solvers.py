@@ -251,9 +251,12 @@ def predict(m: dict) -> dict[str, Any]:
                    memory=17 * block * M * itemsize)
     elif name == "lissa":
         d = 10
-        top, mu = lam_d1 + delta, lam_min + delta           # full-batch steps (the default)
-        s = (1.1 * top + mu) / 2
-        depth = math.ceil(math.log(1 / 1e-3) / -math.log(max(1 - mu / s, top / s - 1)))
+        top, mu = lam_d1 + delta, lam_min + delta           # full-batch steps: Chebyshev (the default)
+        root = math.sqrt(1.1 * top / (0.9 * mu))
+        sigma, degree = (root - 1) / (root + 1), 1
+        while 2 * sigma**degree / (1 + sigma ** (2 * degree)) > 1e-3:
+            degree += 1
+        depth = degree - 1
         out.update(fit_hvps=15 * (d + 1) + 60, solve_hvps=(depth + 1) * k, memory=(15 * block + d) * M * itemsize)
     elif name in ("lanczos", "lowrank"):
         out.update(fit_hvps=9 * eig_m + (60 if name == "lowrank" else 0), memory=(basis + 3) * M * itemsize)

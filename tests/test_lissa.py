@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 
 from scalable_hbt import DenseCurvature, HessianOperator, Toolbox
 from scalable_hbt.curvature.lissa import LiSSACurvature
-from scalable_hbt.errors import IndefiniteDampingError, SolverDivergenceError
+from scalable_hbt.errors import IndefiniteDampingError, InputError, SolverDivergenceError
 from conftest import brute_force_gradients, brute_force_hessian, make_problem, training_tensors
 
 N = 40
@@ -59,7 +59,8 @@ def test_stochastic_minibatches_plain_and_deflated_match_dense(fitted):
 
 
 def test_full_batch_recursion_plain_and_deflated_match_dense(fitted):
-    """b = n: every step is the exact recursion (deterministic); auto scale from Lanczos."""
+    """b = n: every step is the exact recursion (deterministic, Chebyshev by default); auto scale
+    from Lanczos."""
     kind, obj, op, dense, damping, V, ref = fitted
     X_plain, d_plain = _run(op, V, damping, batch_size=N, deflate=0)
     X_defl, d_defl = _run(op, V, damping, batch_size=N, deflate=10)
@@ -68,9 +69,13 @@ def test_full_batch_recursion_plain_and_deflated_match_dense(fitted):
           f"{d_defl['fit_hvps']:.0f}")
     assert _rel(X_plain, ref) <= 1e-2 and _rel(X_defl, ref) <= 1e-2
     assert d_defl["lissa_hvps"] < d_plain["lissa_hvps"]
-    # full-batch scale: the middle of the spectrum (top with its 10 % margin), from the oracle's λ_max, λ_min
+    assert d_plain["acceleration"] == d_defl["acceleration"] == "chebyshev"
+    # the plain recursion's full-batch scale: the middle of the spectrum (top with its 10 % margin), from the
+    # oracle's λ_max, λ_min; Chebyshev's: the middle of [0.9·(λ_min + δ), 1.1·(λ_max + δ)]
     lam_max, lam_min = dense.eigh(1)[0].item(), dense.min_eigenvalue()
-    assert d_plain["scale"] == pytest.approx((1.1 * (lam_max + damping) + lam_min + damping) / 2, rel=1e-3)
+    _, d_richardson = _run(op, V, damping, batch_size=N, deflate=0, acceleration=None)
+    assert d_richardson["scale"] == pytest.approx((1.1 * (lam_max + damping) + lam_min + damping) / 2, rel=1e-3)
+    assert d_plain["scale"] == pytest.approx((1.1 * (lam_max + damping) + 0.9 * (lam_min + damping)) / 2, rel=1e-3)
     # the automatic depth reaches the target: ε = 1e-8 gives a solve accurate to ~1e-8
     for deflate in (0, 10):
         X_tight, d_tight = _run(op, V, damping, batch_size=N, deflate=deflate, target=1e-8)
@@ -194,4 +199,129 @@ def test_toolbox_lissa_defaults_deflate_with_the_toolbox_eigenpairs():
     assert tb.inverse.eigen is tb.eigen
     d = tb.inverse.diagnostics
     assert d["deflated"] == 10 and d["batch_size"] == N and d["lanczos_iterations"] is None
-    assert _rel(I, reference) <= 1e-4
+    assert d["acceleration"] == "chebyshev"
+    assert _rel(I, reference) <= tb.inverse.target  # the default target, 1e-3
+
+
+# ---------------------------------------------------------------------------- Chebyshev acceleration
+def _chebyshev_degree_brute(kappa: float, target: float) -> int:
+    """The smallest m with 2σ^m/(1 + σ^{2m}) ≤ ε, σ = (√κ − 1)/(√κ + 1), by counting."""
+    sigma = (kappa**0.5 - 1) / (kappa**0.5 + 1)
+    m = 1
+    while 2 * sigma**m / (1 + sigma ** (2 * m)) > target:
+        m += 1
+    return m
+
+
+def _powers_above(rho: float, target: float) -> int:
+    """The smallest J with ρ^J ≤ ε, by counting."""
+    J = 1
+    while rho**J > target:
+        J += 1
+    return J
+
+
+def _richardson_count(kappa: float, target: float) -> int:
+    """Steps of the fixed-step recursion on the same interval: ρ^J ≤ ε, ρ = (κ − 1)/(κ + 1)."""
+    return _powers_above((kappa - 1) / (kappa + 1), target)
+
+
+@pytest.mark.parametrize("deflate", [0, 10])
+def test_chebyshev_full_batch_reaches_the_target_at_the_chebyshev_depth(fitted, deflate):
+    """Full-batch Chebyshev LiSSA against the explicit solve with the brute-force H (indefinite,
+    δ = −λ_min + 0.05): relative error ≤ target at 1e-3 and 1e-8, smaller at the tighter target;
+    its interval and depth from the eigenvalues of the brute-force H, far below the Richardson count."""
+    kind, obj, op, dense, damping, V, ref = fitted
+    eigenvalues = torch.linalg.eigvalsh(brute_force_hessian(obj)).flip(0)  # descending
+    assert eigenvalues[-1] < 0
+    a = 0.9 * (eigenvalues[-1].item() + damping)
+    b = 1.1 * (eigenvalues[deflate].item() + damping)                   # top of the complement: λ_{k+1}
+    errors = []
+    for target in (1e-3, 1e-8):
+        X, d = _run(op, V, damping, batch_size=N, deflate=deflate, target=target)
+        errors.append(_rel(X, ref))
+        print(f"\n[{kind}] chebyshev k={deflate} ε={target:g}: err {errors[-1]:.2e}, depth {d['depth']}, interval "
+              f"{d['interval']}, σ {d['contraction']:.4f}, Richardson count {_richardson_count(b / a, target)}")
+        assert d["acceleration"] == "chebyshev"
+        assert d["interval"] == pytest.approx([a, b], rel=1e-3)
+        assert d["contraction"] == pytest.approx(((b / a) ** 0.5 - 1) / ((b / a) ** 0.5 + 1), rel=1e-3)
+        # depth J products: the degree-(J + 1) Chebyshev iterate (h_0 = v is degree 1)
+        assert abs(d["depth"] + 1 - _chebyshev_degree_brute(b / a, target)) <= 1
+        assert d["depth"] <= 0.5 * _richardson_count(b / a, target)
+        assert d["lissa_hvps"] == d["depth"] * V.shape[1]
+        assert errors[-1] <= target
+    assert errors[1] < 1e-3 * errors[0]
+
+
+def test_chebyshev_iterate_is_the_chebyshev_polynomial(fitted):
+    """x after J steps is A⁻¹(I − p(A))v with p(λ) = T_{J+1}((s − λ)/c)/T_{J+1}(s/c), s = (a + b)/2,
+    c = (b − a)/2 — evaluated in the eigenbasis of the brute-force H + δI (no deflation, J = 12)."""
+    kind, obj, op, dense, damping, V, ref = fitted
+    X, d = _run(op, V, damping, batch_size=N, deflate=0, depth=12, estimate_residual=False)
+    a, b = d["interval"]
+    s, c = (a + b) / 2, (b - a) / 2
+    H = brute_force_hessian(obj)
+    lam, Q = torch.linalg.eigh(H + damping * torch.eye(len(H), dtype=H.dtype))
+
+    def chebyshev_t(m: int, z: torch.Tensor) -> torch.Tensor:
+        t_prev, t = torch.ones_like(z), z
+        for _ in range(m - 1):
+            t_prev, t = t, 2 * z * t - t_prev
+        return t
+
+    p = chebyshev_t(13, (s - lam) / c) / chebyshev_t(13, torch.tensor(s / c, dtype=lam.dtype))
+    expected = Q @ (((1 - p) / lam).unsqueeze(1) * (Q.T @ V))
+    assert _rel(X, expected) <= 1e-10
+    assert _rel(X, ref) > 1e-6  # 12 steps: not yet converged, so the comparison is not with the exact solve
+
+
+def test_plain_recursion_is_the_truncated_neumann_series(fitted):
+    """acceleration=None: x = (1/s) Σ_{i=0}^{J} (I − A/s)^i v with A = H + δI from brute force, at the
+    scale and depth of the fixed-step rule, s = (1.1·(λ_max + δ) + λ_min + δ)/2, ρ^J ≤ ε."""
+    kind, obj, op, dense, damping, V, ref = fitted
+    X, d = _run(op, V, damping, batch_size=N, deflate=0, acceleration=None, target=1e-3, estimate_residual=False)
+    H = brute_force_hessian(obj)
+    A = H + damping * torch.eye(len(H), dtype=H.dtype)
+    lam = torch.linalg.eigvalsh(H)
+    s_rule = (1.1 * (lam[-1].item() + damping) + lam[0].item() + damping) / 2
+    rho = max(1 - (lam[0].item() + damping) / s_rule, (lam[-1].item() + damping) / s_rule - 1)
+    assert d["acceleration"] is None and d["interval"] is None
+    assert d["scale"] == pytest.approx(s_rule, rel=1e-3)
+    assert abs(d["depth"] - _powers_above(rho, 1e-3)) <= 1
+    s, term, total = d["scale"], V.clone(), V.clone()
+    for _ in range(d["depth"]):
+        term = term - A @ term / s
+        total = total + term
+    assert _rel(X, total / s) <= 1e-10
+
+
+def test_chebyshev_refused_with_minibatches_and_fixed_scale():
+    obj = make_problem("mlp", n=N)
+    op = HessianOperator(obj)
+    with pytest.raises(InputError, match=r"acceleration='chebyshev' needs full-batch steps.*batch_size = 10 < n = 40"):
+        LiSSACurvature(batch_size=N // 4, acceleration="chebyshev", progress=False).fit(op)
+    with pytest.raises(InputError, match=r"chebyshev.*fixed scale"):
+        LiSSACurvature(scale=2.0, acceleration="chebyshev")
+    with pytest.raises(InputError, match=r"chebyshev.*check_curvature=False"):
+        LiSSACurvature(check_curvature=False, acceleration="chebyshev")
+    with pytest.raises(InputError, match=r"acceleration"):
+        LiSSACurvature(acceleration="krylov")
+    # "auto" with mini-batches: the stochastic recursion
+    V = torch.randn(obj.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    _, d = _run(op, V, 0.3, batch_size=N // 4, depth=20, deflate=0, warn_residual=None)
+    assert d["acceleration"] is None
+
+
+def test_chebyshev_growth_from_a_wrong_top_estimate_is_caught():
+    """A top estimate far below the true λ_max (an eigenvalue beyond a + b = 2s): the iterate
+    grows past 10·(j + 1)²·‖v‖ and the divergence names the scale."""
+    obj = make_problem("mlp", n=N)
+    op = HessianOperator(obj)
+    lissa = LiSSACurvature(batch_size=N, deflate=0, depth=400, progress=False).fit(op)
+    state = lissa.state_dict()
+    state["lambda_top"] = 0.2 * state["lambda_top"]
+    lissa.load_state_dict(state, op)
+    damping = -lissa.lambda_min + 0.05
+    V = torch.randn(obj.num_params, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(SolverDivergenceError, match=r"diverged at step .*scale is too small"):
+        lissa.solve(V, damping)
