@@ -55,6 +55,15 @@ def _published(p: dict) -> list[str]:
     return out
 
 
+def _lissa_recursion(d: dict) -> str:
+    """'; Chebyshev on [a, b], σ = …' for a run that reports its interval, else ''."""
+    if d.get("lissa_acceleration") != "chebyshev":
+        return ""
+    a, b = d["lissa_interval"]
+    return (f"; Chebyshev on [a, b] = [{_fmt(a)}, {_fmt(b)}] from λ̂_min = {_fmt(d['lissa_lambda_min_estimate'])}, "
+            f"κ = b/a = {_fmt(b / a)}, σ = {_fmt(d['lissa_contraction'])}")
+
+
 def _demo(d: dict) -> list[str]:
     out = ["### The demo's matrix-free phases", ""]
     out.append(f"{d['model']}, M = {d['M']}, δ = {_fmt(d['damping'])} (dense rule), δ' = {_fmt(d['rue_damping'])}; "
@@ -62,7 +71,8 @@ def _demo(d: dict) -> list[str]:
                f"CG solve of the B right-hand sides together (blocks of max_vectors = 32; {d['rue_cg_iterations']} iterations, {_fmt(d['rue_hvps'])} HVPs) against CG "
                f"influence for as many test points ({d['influence_cg_iterations']} iterations, "
                f"{_fmt(d['influence_50_hvps'])} HVPs). LiSSA (deflate 10 with the Lanczos pairs, full batch, its "
-               f"λ_min fit included): depth {d['lissa_depth']}, {_fmt(d['lissa_hvps'])} HVPs, relative error "
+               f"λ_min fit included{_lissa_recursion(d)}): depth {d['lissa_depth']}, {_fmt(d['lissa_hvps'])} HVPs "
+               f"({_fmt(d['lissa_fit_hvps'])} of them its fit), relative error "
                f"{_fmt(d['lissa_rel_error'])} (min Spearman {_fmt(d['lissa_spearman_min'])}); CG: "
                f"{d['cg_iterations']} iterations, {_fmt(d['cg_hvps'])} HVPs, relative error {_fmt(d['cg_rel_error'])}.")
     out.append("")

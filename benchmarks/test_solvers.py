@@ -198,6 +198,8 @@ def test_demo_matrix_free(benchmark):
         "rue_hvps": o["rue_shifts_50"]["hvps"], "influence_50_hvps": o["cg_influence_50"]["hvps"],
         "lissa_hvps": o["lissa_influence"]["hvps"], "cg_hvps": o["cg_influence"]["hvps"],
         "lissa_depth": ld.get("depth"), "lissa_fit_hvps": ld.get("fit_hvps"),
+        "lissa_acceleration": ld.get("acceleration"), "lissa_interval": ld.get("interval"),
+        "lissa_contraction": ld.get("contraction"), "lissa_lambda_min_estimate": ld.get("lambda_min_estimate"),
         "cg_iterations": o["cg_influence"]["diagnostics"]["inverse"].get("iterations"),
         "lissa_rel_error": relative_error(reference, o["lissa_influence"]["out"]),
         "cg_rel_error": relative_error(reference, o["cg_influence"]["out"]),
