@@ -59,6 +59,32 @@ COMPUTE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 _VMAP_UNSUPPORTED = (nn.RNNBase,)  # recurrent layers: their fused kernels have no batching rule
 
 
+def select_parameters(model: nn.Module, patterns: list[str] | tuple[str, ...] | None) -> list[tuple[str, Tensor]]:
+    """(name, tensor) of the parameters an ``Objective(model, params=patterns)`` studies, in
+    ``named_parameters()`` order: every parameter with ``requires_grad`` when ``patterns`` is
+    ``None``, else those whose name matches a pattern (``fnmatch.fnmatchcase``), frozen or not.
+    A tensor tied under several names (an LM head sharing its embedding) is listed once, under the
+    first name that selects it. Raises ``InputError`` for malformed patterns, a pattern that
+    matches nothing, or a model without trainable parameters."""
+    named = list(model.named_parameters())
+    if patterns is None:
+        selected = [(k, p) for k, p in named if p.requires_grad]
+        if not selected:
+            raise InputError("the model has no trainable parameters (requires_grad=True).")
+        return selected
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns) or not patterns:
+        raise InputError(f"params must be a non-empty list of name patterns such as ['head.*']; got {patterns!r}.")
+    every = list(model.named_parameters(remove_duplicate=False))
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(k, pat) for k, _ in every)]
+    if unmatched:
+        names = [k for k, _ in named]
+        raise InputError(f"params pattern(s) {unmatched} match no parameter of the model; its parameters are "
+                         f"named like {names[:6]}{' …' if len(names) > 6 else ''}.")
+    chosen = {id(p) for k, p in every if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
+    first = {id(p): k for k, p in reversed(every) if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
+    return [(first[id(p)], p) for _, p in named if id(p) in chosen]
+
+
 class Objective:
     """Model, task, training data and weight decay, seen as a function of flat θ.
 
@@ -147,7 +173,7 @@ class Objective:
         # the module tree is copied, its tensors are not: eval() here leaves the caller's model as it was
         shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
         self.model = copy.deepcopy(model, memo=shared).eval()
-        selected = self._select(params)
+        selected = select_parameters(self.model, params)
         for name, p in selected:
             if not torch.isfinite(p).all():
                 raise InputError(
@@ -174,27 +200,6 @@ class Objective:
         self._sample_shape = self.train.sample_shape()
         self._output_shape: torch.Size | None = None  # of one sample's output, set by _check_forward
         self._check_forward()
-
-    def _select(self, patterns: list[str] | tuple[str, ...] | None) -> list[tuple[str, Tensor]]:
-        """(name, tensor) of the studied parameters; a tensor tied under several names (an LM head
-        sharing its embedding) is studied once, under the first name that selects it."""
-        named = list(self.model.named_parameters())
-        if patterns is None:
-            selected = [(k, p) for k, p in named if p.requires_grad]
-            if not selected:
-                raise InputError("the model has no trainable parameters (requires_grad=True).")
-            return selected
-        if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns) or not patterns:
-            raise InputError(f"params must be a non-empty list of name patterns such as ['head.*']; got {patterns!r}.")
-        every = list(self.model.named_parameters(remove_duplicate=False))
-        unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(k, pat) for k, _ in every)]
-        if unmatched:
-            names = [k for k, _ in named]
-            raise InputError(f"params pattern(s) {unmatched} match no parameter of the model; its parameters are "
-                             f"named like {names[:6]}{' …' if len(names) > 6 else ''}.")
-        chosen = {id(p) for k, p in every if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
-        first = {id(p): k for k, p in reversed(every) if any(fnmatch.fnmatchcase(k, pat) for pat in patterns)}
-        return [(first[id(p)], p) for _, p in named if id(p) in chosen]
 
     def _compute_tensor(self, t: Tensor) -> Tensor:
         """A frozen tensor as the forward pass needs it: itself when its device and dtype are

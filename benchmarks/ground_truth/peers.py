@@ -20,6 +20,17 @@ A peer that cannot be imported is listed in ``PEERS_UNAVAILABLE`` with the exact
 ``PEERS`` holds the adapters of the importable ones. An adapter raises ``PeerUnsupported``
 (with the reason) for a workload its peer cannot handle.
 
+The parameters studied are the workload's selection (``Workload.params``), exactly the set
+``Objective(params=...)`` studies (``scalable_hbt.objective.select_parameters`` picks both); the
+others are frozen (``requires_grad_(False)``) on the adapter's private copy of the model, and
+each peer is restricted to the selection by its own mechanism: dattri differentiates the
+parameters that require gradients, TRAK takes their names (``grad_wrt``), captum and kronfluence
+take whole modules (``layers``, tracked modules) and refuse a selection that is not the
+parameters of whole modules. M below is the number of studied parameters.
+
+Every peer runs with attention on PyTorch's math kernel (as ``Objective`` does): the fused
+CPU kernels have no second derivative, which captum's and dattri's HVPs need.
+
 Costs come from ``measure.measured`` around the whole computation (fit and scores): seconds,
 seconds in units of one full-data gradient of the workload's objective (``gradient_seconds``,
 measured in the same process unless the caller passes ``unit_seconds``), and peak memory.
@@ -33,11 +44,15 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from scalable_hbt.objective import select_parameters
 
 from . import measure
 from .ours import build_objective
@@ -69,17 +84,58 @@ PEERS_UNAVAILABLE: dict[str, str] = _probe(PEER_MODULES)
 
 
 # ---------------------------------------------------------------------------- shared pieces
-def _setup(workload: Workload, model: nn.Module) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
-    """A private eval-mode copy of the model and the data in its dtype."""
+@dataclass(frozen=True)
+class Setup:
+    """What every adapter starts from: a private eval-mode copy of the model whose parameters
+    outside the studied ones are frozen, the studied parameters' names (``named_parameters()``
+    order and names), their number M, whether they are all of the model's parameters, and the
+    data (floating-point inputs in the model's dtype)."""
+
+    model: nn.Module
+    names: list[str]
+    M: int
+    every: bool
+    X: Tensor
+    y: Tensor
+    Xt: Tensor
+    yt: Tensor
+
+
+def _setup(workload: Workload, model: nn.Module) -> Setup:
+    """The ``Setup`` of a workload: the studied parameters are ``select_parameters(model,
+    workload.params)``, the set ``Objective(params=workload.params)`` studies."""
     if workload.loss != "cross_entropy":
         raise PeerUnsupported(f"the peer adapters implement cross-entropy only; workload {workload.name!r} has "
                               f"loss {workload.loss!r}.")
-    if workload.params is not None:
-        raise PeerUnsupported(f"the peer adapters take every parameter; workload {workload.name!r} selects "
-                              f"{workload.params} (pass a model whose other parameters are frozen instead).")
     model = copy.deepcopy(model).eval()
-    dtype = next(model.parameters()).dtype
-    return (model, workload.train_X.to(dtype), workload.train_y, workload.test_X.to(dtype), workload.test_y)
+    studied = {id(p) for _, p in select_parameters(model, workload.params)}
+    named = list(model.named_parameters())
+    for _, p in named:
+        p.requires_grad_(id(p) in studied)
+    names = [k for k, p in named if id(p) in studied]
+    dtype = named[0][1].dtype
+
+    def inputs(X: Tensor) -> Tensor:
+        return X.to(dtype) if X.is_floating_point() else X      # token ids stay integers
+
+    return Setup(model, names, sum(p.numel() for _, p in named if id(p) in studied), len(names) == len(named),
+                 inputs(workload.train_X), workload.train_y, inputs(workload.test_X), workload.test_y)
+
+
+def _whole_modules(setup: Setup, peer: str) -> list[str]:
+    """The modules that own the studied parameters, for a peer that can only be restricted to
+    whole modules; raises ``PeerUnsupported`` when their parameters (with their submodules')
+    are not exactly the studied ones."""
+    owners = list(dict.fromkeys(name.rpartition(".")[0] for name in setup.names))
+    modules = dict(setup.model.named_modules())
+    covered = [id(p) for owner in owners for p in modules[owner].parameters()]
+    studied = {id(p) for k, p in setup.model.named_parameters() if k in setup.names}
+    if len(covered) != len(set(covered)) or set(covered) != studied:
+        extra = [k for k, p in setup.model.named_parameters() if id(p) in set(covered) - studied]
+        why = f"also hold {extra}" if extra else "are nested"
+        raise PeerUnsupported(f"{peer} can be restricted to whole modules only, and the studied parameters are not "
+                              f"those of whole modules: their modules {owners} {why}.")
+    return owners
 
 
 def _batch(n: int, num_params: int, numbers: int = 2**24) -> int:
@@ -98,7 +154,8 @@ def _attribution(method: str, workload: Workload, model: nn.Module, compute: Cal
     unit = unit_seconds if unit_seconds is not None else gradient_seconds(workload, model)
     if unit <= 0:
         raise ValueError(f"unit_seconds must be > 0 (one full-data gradient's time); got {unit}.")
-    result, seconds, peak_mib = measure.measured(compute)
+    with sdpa_kernel([SDPBackend.MATH]):
+        result, seconds, peak_mib = measure.measured(compute)
     scores = result.detach().double().cpu().numpy()
     expected = (len(workload.test_y), len(workload.train_y))
     if scores.shape != expected:
@@ -107,13 +164,17 @@ def _attribution(method: str, workload: Workload, model: nn.Module, compute: Cal
 
 
 # ---------------------------------------------------------------------------- kronfluence
-def kronfluence_classification_task():
+def kronfluence_classification_task(tracked: list[str] | None = None):
     """kronfluence's ``Task`` for a classifier of (x, t) batches: the summed cross-entropy as training
     loss (with ``sample=True`` the labels are drawn from the model's predictive distribution, i.e. the
-    true Fisher) and as the measurement."""
+    true Fisher) and as the measurement; ``tracked``: the names of the modules influence is computed
+    for (``None``: every Linear and Conv2d)."""
     from kronfluence.task import Task
 
     class Classification(Task):
+        def get_influence_tracked_modules(self):
+            return tracked
+
         def compute_train_loss(self, batch, model, sample=False):
             x, t = batch
             logits = model(x)
@@ -136,9 +197,11 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
     kronfluence fits Kronecker factors of the true Fisher (labels sampled from the model) of
     the summed cross-entropy, normalised per data point, with an eigenvalue correction, on its
     Linear and Conv2d modules only (normalisation layers' parameters are left out, as kronfluence
-    always does; a model with Conv1d or other convolutions is refused rather than answered
-    without them; Conv2d with zero padding only, since it unfolds every convolution's input that
-    way), and scores
+    always does; a model with Conv1d (torch's, or Hugging Face's Conv1D) or other convolutions
+    is refused rather than answered without them; Conv2d with zero padding only, since it
+    unfolds every convolution's input that way), or on the modules that own the studied parameters when they are not all of the model's
+    (refused unless those are exactly the parameters of whole Linear/Conv2d modules: Hugging
+    Face's ``Conv1D``, GPT-2's projections, is not a kronfluence module), and scores
     s(t, i) = g_tᵀ (F̂ + λ I)⁻¹ g_i with λ = δ + wd given explicitly. Its sign is the contract's
     (s > 0: z_i helps z_t); the contract's scale is s / n, which this adapter returns. Float64
     factors and scores when the model is float64, else float32.
@@ -146,26 +209,39 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
 
-    model, X, y, Xt, yt = _setup(workload, model)
-    if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in model.modules()):
-        raise PeerUnsupported("kronfluence supports Linear and Conv2d modules only; the model has none.")
-    other_convs = sorted({type(m).__name__ for m in model.modules()
-                          if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d))})
-    if other_convs:
-        raise PeerUnsupported(f"kronfluence has no {', '.join(other_convs)} support: it would silently leave those "
-                              f"layers out of the influence.")
-    if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in model.modules()):
+    setup = _setup(workload, model)
+    model, X, y, Xt, yt = setup.model, setup.X, setup.y, setup.Xt, setup.yt
+    if setup.every:
+        tracked, considered = None, list(model.modules())
+        if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in considered):
+            raise PeerUnsupported("kronfluence supports Linear and Conv2d modules only; the model has none.")
+        other_convs = sorted({type(m).__name__ for m in considered
+                              if isinstance(m, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d))
+                              or type(m).__name__ == "Conv1D"})
+        if other_convs:
+            raise PeerUnsupported(f"kronfluence has no {', '.join(other_convs)} support: it would silently leave "
+                                  f"those layers out of the influence.")
+    else:
+        tracked = _whole_modules(setup, "kronfluence")
+        modules = dict(model.named_modules())
+        considered = [modules[name] for name in tracked]
+        unsupported = [f"{name} ({type(m).__name__})" for name, m in zip(tracked, considered)
+                       if type(m) not in (nn.Linear, nn.Conv2d)]
+        if unsupported:
+            raise PeerUnsupported(f"kronfluence computes influence on Linear and Conv2d modules only; the studied "
+                                  f"parameters belong to {', '.join(unsupported)}.")
+    if any(isinstance(m, nn.Conv2d) and m.padding_mode != "zeros" for m in considered):
         raise PeerUnsupported("kronfluence unfolds Conv2d inputs with zero padding whatever the layer's "
                               "padding_mode; this model pads otherwise, so its gradients would be wrong.")
     dtype = next(model.parameters()).dtype
-    n, M = len(y), sum(p.numel() for p in model.parameters())
-    batch = _batch(n, M)
+    n = len(y)
+    batch = _batch(n, setup.M)
 
     def compute() -> Tensor:
-        task = kronfluence_classification_task()
-        tracked = prepare_model(copy.deepcopy(model), task)
+        task = kronfluence_classification_task(tracked)
+        prepared = prepare_model(copy.deepcopy(model), task)
         with tempfile.TemporaryDirectory() as out:
-            analyzer = Analyzer("peer", model=tracked, task=task, cpu=True, disable_tqdm=True,
+            analyzer = Analyzer("peer", model=prepared, task=task, cpu=True, disable_tqdm=True,
                                 log_level=logging.WARNING, output_dir=out)
             precision = dict(activation_covariance_dtype=dtype, gradient_covariance_dtype=dtype,
                              per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
@@ -183,7 +259,7 @@ def kronfluence_ekfac(workload: Workload, model: nn.Module, damping: float, *,
             return analyzer.load_pairwise_scores("scores")["all_modules"] / n
 
     return _attribution("kronfluence: ekfac", workload, model, compute, unit_seconds,
-                        f"true Fisher (sampled labels), Linear/Conv2d only, λ = δ + wd = "
+                        f"true Fisher (sampled labels), Linear/Conv2d only, M = {setup.M}, λ = δ + wd = "
                         f"{damping + workload.weight_decay:.3g}")
 
 
@@ -200,6 +276,8 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
     top-``rank`` subspace, nothing outside it. With hessian_reg = n(δ + wd) this is the
     contract's (1/n) g_tᵀ V (Λ + δ + wd)⁻¹ Vᵀ g_i, sign and scale as they are (checked: the
     full-rank case equals the dense influence). ``rank`` and ``arnoldi_dim`` are capped at M.
+    Studied parameters that are not all of the model's are passed as captum's ``layers`` (the
+    modules that own them; refused unless those hold exactly the studied parameters).
 
     Cost: ``arnoldi_dim`` HVPs of the whole training set (then per-sample gradients). One HVP
     as captum computes it (``torch.autograd.functional.hvp`` of the summed loss, batch by
@@ -210,14 +288,17 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
     """
     from captum.influence._core.arnoldi_influence_function import ArnoldiInfluenceFunction
 
-    model, X, y, Xt, yt = _setup(workload, model)
-    n, M = len(y), sum(p.numel() for p in model.parameters())
+    setup = _setup(workload, model)
+    model, X, y, Xt, yt = setup.model, setup.X, setup.y, setup.Xt, setup.yt
+    layers = None if setup.every else _whole_modules(setup, "captum")
+    n, M = len(y), setup.M
     dim = min(arnoldi_dim, M)
     k = min(rank, dim)
     batch = _batch(n, M)
     if max_seconds is not None:
-        params = tuple(model.parameters())
-        names = [name for name, _ in model.named_parameters()]
+        names = setup.names
+        named = dict(model.named_parameters())
+        params = tuple(named[name] for name in names)
 
         def summed_loss(*values: Tensor, x: Tensor, t: Tensor) -> Tensor:
             out = torch.func.functional_call(model, dict(zip(names, values)), (x,))
@@ -225,9 +306,10 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
 
         v = tuple(torch.ones_like(p) for p in params)
         start = time.perf_counter()
-        for begin in range(0, n, batch):
-            x, t = X[begin:begin + batch], y[begin:begin + batch]
-            torch.autograd.functional.hvp(lambda *w: summed_loss(*w, x=x, t=t), params, v)
+        with sdpa_kernel([SDPBackend.MATH]):
+            for begin in range(0, n, batch):
+                x, t = X[begin:begin + batch], y[begin:begin + batch]
+                torch.autograd.functional.hvp(lambda *w: summed_loss(*w, x=x, t=t), params, v)
         predicted = dim * (time.perf_counter() - start)
         if predicted > max_seconds:
             raise PeerUnsupported(f"captum's Arnoldi would take ≈ {predicted:.0f} s here ({dim} HVPs of all n = {n} "
@@ -239,12 +321,12 @@ def captum_arnoldi(workload: Workload, model: nn.Module, damping: float, *, rank
             torch.save(model.state_dict(), checkpoint)
             influence = ArnoldiInfluenceFunction(
                 model, torch.utils.data.TensorDataset(X, y), checkpoint,
-                loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=batch, projection_dim=k,
+                layers=layers, loss_fn=nn.CrossEntropyLoss(reduction="none"), batch_size=batch, projection_dim=k,
                 arnoldi_dim=dim, seed=seed, hessian_reg=n * (damping + workload.weight_decay))
             return influence.influence((Xt, yt))
 
     return _attribution("captum: arnoldi", workload, model, compute, unit_seconds,
-                        f"top-{k} of a {dim}-step Arnoldi basis, exact loss HVPs, reg n(δ + wd)")
+                        f"top-{k} of a {dim}-step Arnoldi basis, M = {M}, exact loss HVPs, reg n(δ + wd)")
 
 
 # ---------------------------------------------------------------------------- TRAK
@@ -260,14 +342,16 @@ def trak(workload: Workload, model: nn.Module, damping: float, *, proj_dim: int 
     k ≥ M, B(BᵀAB + λ)⁻¹Bᵀ = (A + λ(BBᵀ)⁻¹)⁻¹ with BBᵀ ≈ (k/M) I, so λ is scaled by k/M.
     Hence λ = n(δ + wd)·max(1, k/M). Its sign is the contract's (τ > 0: z_i raises the margin of
     z_t, i.e. lowers its loss); its scale is TRAK's own, kept (the benchmark's scores are rank
-    correlations). No checkpoint ensemble: the benchmark studies one trained model.
+    correlations). No checkpoint ensemble: the benchmark studies one trained model. The studied
+    parameters are TRAK's ``grad_wrt``.
     ``proj_dim`` must exceed 100: traker 0.3.2's CPU projector frees its only block of the
     projection after featurizing and then scores with it (AttributeError).
     """
     from trak import TRAKer
 
-    model, X, y, Xt, yt = _setup(workload, model)
-    n, M = len(y), sum(p.numel() for p in model.parameters())
+    setup = _setup(workload, model)
+    model, X, y, Xt, yt = setup.model, setup.X, setup.y, setup.Xt, setup.yt
+    n, M = len(y), setup.M
     if proj_dim <= 100:
         raise ValueError(f"proj_dim must be > 100 (traker's CPU projector fails with a single block of "
                          f"≤ 100 columns); got {proj_dim}.")
@@ -279,7 +363,7 @@ def trak(workload: Workload, model: nn.Module, damping: float, *, proj_dim: int 
         with tempfile.TemporaryDirectory() as out:
             traker = TRAKer(model=model, task="image_classification", train_set_size=n, save_dir=out,
                             load_from_save_dir=True, device="cpu", proj_dim=k, use_half_precision=False,
-                            projector_seed=seed, lambda_reg=reg,
+                            projector_seed=seed, lambda_reg=reg, grad_wrt=setup.names,
                             logging_level=logging.WARNING)
             traker.load_checkpoint(model.state_dict(), model_id=0)
             for start in range(0, n, batch):
@@ -292,7 +376,7 @@ def trak(workload: Workload, model: nn.Module, damping: float, *, proj_dim: int 
             return torch.as_tensor(np.array(scores)).T
 
     return _attribution("trak", workload, model, compute, unit_seconds,
-                        f"1 checkpoint, Gaussian projection k = {k}, λ = n(δ + wd)·max(1, k/M)")
+                        f"1 checkpoint, Gaussian projection k = {k}, M = {M}, λ = n(δ + wd)·max(1, k/M)")
 
 
 # ---------------------------------------------------------------------------- dattri
@@ -308,7 +392,8 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
     batch, holding that many HVP graphs of the whole training set at once). Scores
     s(i, t) = g_iᵀ (H + λ I)⁻¹ g_t with λ = δ + wd, shape (n, T); its sign is the contract's
     (s > 0: z_i helps z_t); the contract's scale is s / n, transposed, which this adapter
-    returns. Memory: one HVP graph of all n training points.
+    returns. Memory: one HVP graph of all n training points. dattri differentiates the parameters
+    that require gradients, i.e. the studied ones.
 
     Cost: T·(max_iter + 1) HVPs of the whole training set. One such HVP (dattri's own
     ``hvp_at_x``) is timed first; when the predicted time exceeds ``max_seconds`` (``None``:
@@ -320,7 +405,8 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
     from dattri.func.utils import flatten_func, flatten_params
     from dattri.task import AttributionTask
 
-    model, X, y, Xt, yt = _setup(workload, model)
+    setup = _setup(workload, model)
+    model, X, y, Xt, yt = setup.model, setup.X, setup.y, setup.Xt, setup.yt
     n, T = len(y), len(yt)
     reg = damping + workload.weight_decay
 
@@ -330,8 +416,10 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
 
     if max_seconds is not None:
         flat = flatten_func(model)(loss)
-        theta = flatten_params({k: p.detach() for k, p in model.named_parameters()})
-        hvp = hvp_at_x(lambda q: flat(q, (X, y)), x=(theta,), mode="rev-rev", regularization=reg)
+        named = dict(model.named_parameters())
+        theta = flatten_params({k: named[k].detach() for k in setup.names})
+        with sdpa_kernel([SDPBackend.MATH]):        # hvp_at_x runs the forward pass here
+            hvp = hvp_at_x(lambda q: flat(q, (X, y)), x=(theta,), mode="rev-rev", regularization=reg)
         with torch.no_grad():
             hvp(torch.ones_like(theta))                                     # warm-up
             start = time.perf_counter()
@@ -353,7 +441,7 @@ def dattri_cg(workload: Workload, model: nn.Module, damping: float, *, max_iter:
         return scores.T / n
 
     return _attribution("dattri: cg", workload, model, compute, unit_seconds,
-                        f"CG, {max_iter} iterations, exact loss HVPs, λ = δ + wd")
+                        f"CG, {max_iter} iterations, M = {setup.M}, exact loss HVPs, λ = δ + wd")
 
 
 ADAPTERS: dict[str, Adapter] = {"kronfluence_ekfac": kronfluence_ekfac, "captum_arnoldi": captum_arnoldi,
