@@ -88,7 +88,7 @@ class IsingSize:
 
 SIZES = {
     "tiny": IsingSize(L=16, n_temperatures=10, train_per_temperature=20, test_per_temperature=2,
-                      ood_per_temperature=5, width=4, epochs=3, frozen_epochs=2, per_chain=5, equilibration=30,
+                      ood_per_temperature=5, width=4, epochs=6, frozen_epochs=2, per_chain=5, equilibration=30,
                       spacing=5),
     "quick": IsingSize(L=32, n_temperatures=20, train_per_temperature=100, test_per_temperature=5,
                        ood_per_temperature=20, width=8, epochs=6, frozen_epochs=5),

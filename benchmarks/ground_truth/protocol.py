@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,9 +43,12 @@ def gradients(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch
     return torch.cat([g.flatten(1) for g in per_point.values()], dim=1)
 
 
-def check(size: str, removed: int, variants: list[tuple[str, float]], cache_dir: str | None) -> list[dict]:
-    workload = ising.workload(size)
-    cache = RetrainCache(cache_dir, workload)
+def check(size: str, removed: int, variants: list[tuple[str, float]], retrain_cache: str | Path | None = None,
+          data_cache: str | Path | None = None) -> list[dict]:
+    """The table's rows (see ``render``) for the Ising workload at ``size``: one per (optimizer, rate)
+    of ``variants``, over the ``removed`` highest-loss training points."""
+    workload = ising.workload(size, data_cache)
+    cache = RetrainCache(retrain_cache, workload)
     model = truths.retrain(workload, cache, "trained", np.arange(len(workload.train_y)), workload.seed)
     n = len(workload.train_y)
     points = np.argsort(-truths.test_losses(model, workload.train_X, workload.train_y))[:removed]
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--removed", type=int, default=8)
     parser.add_argument("--variants", nargs="+", default=["sgd:0.008", "sgd:0.03", "momentum:0.008", "adam:0.003"],
                         help="second phases as optimizer:rate, optimizer one of " + ", ".join(ising.FROZEN_OPTIMIZERS))
-    parser.add_argument("--cache", default=None, help="retrain cache folder for θ̃ (default: none)")
+    parser.add_argument("--cache", default=None, help="retrain cache folder, to share θ̃ with a ground-truth run")
     args = parser.parse_args(argv)
     variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants]
     torch.set_num_threads(1)
