@@ -201,12 +201,14 @@ FROZEN_OPTIMIZERS = {
 """The second phase's optimisers: plain SGD (the default, see the module docstring) and the two
 the retraining-protocol check (``protocol.py``) compares it with."""
 
+
 @dataclass(frozen=True)
 class ResNetRecipe:
     """Seeded training in two phases (module docstring); calling it is a ``Trainer``.
 
     ``frozen_lr`` must keep η·λ_max < 1 for the curvature of every mini-batch of the eval-mode
     objective, not only for the full-data H.
+
     Cost: (epochs + frozen_epochs) · n / batch_size mini-batch steps.
     """
 
