@@ -22,13 +22,24 @@ Sizes (``SIZES``): ``full`` w = 32 (1,207,778 parameters), n = 5,000 training co
 (100 per temperature), 100 test; ``tiny`` (CI) w = 4 (19,262 parameters), L = 16, n = 200
 (10 temperatures), 20 test.
 
-Training (``ResNetRecipe``): Adam on mini-batches in train mode (BatchNorm normalises by batch
-statistics and updates its running averages), learning rate decaying linearly to 0; then
-``frozen_epochs`` with the model in eval mode (BatchNorm uses the frozen running statistics,
-its affine parameters still train), again with a decaying rate. The second phase brings θ̃
-near a minimum of the eval-mode objective L(θ) = (1/n) Σ CE + (wd/2)‖θ‖², the function whose
-curvature the library takes; the warm start of RUE's retrains is that phase alone. The
-regulariser is in the loss (not decoupled), so ``weight_decay`` is the objective's.
+Training (``ResNetRecipe``), on mini-batches placed by content (``training.content_batches``):
+Adam in train mode (BatchNorm normalises by batch statistics and updates its running averages),
+learning rate decaying linearly to 0; then ``frozen_epochs`` of plain SGD with the model in eval
+mode (BatchNorm uses the frozen running statistics, its affine parameters still train), rate
+``frozen_lr`` decaying linearly to 0, on the eval-mode objective L(θ) = (1/n) Σ CE + (wd/2)‖θ‖²
+whose curvature the library takes. Every warm-started retrain (leave-one-out, RUE's bootstrap) is
+the second phase alone from θ̃. The regulariser is in the loss (not decoupled), so
+``weight_decay`` is the objective's.
+
+Why plain SGD with a small rate for the second phase: a retrain's response to removing z_r must
+be the response to its gradient, not an optimiser's echo of it. A plain SGD step with η·λ_max < 1
+propagates a perturbation by I − ηH ⪰ 0, so the response to −g_r/n keeps its sign; Adam restarted
+from θ̃ (per-coordinate normalisation), heavy-ball momentum (an underdamped oscillator kicked
+once per epoch, when z_r's batch comes) and rates with η·λ > 1 on some mini-batch do not. The
+batches are placed by content (``training.content_batches``) and each step divides the batch's
+summed loss by the nominal batch size, so a leave-one-out retrain sees the base retrain's steps
+less z_r's term and nothing else (a per-batch mean would also reweight z_r's batch-mates). The
+measurements behind these choices: ``benchmarks/GROUND_TRUTH_PROTOCOL.md`` (``protocol.py``).
 
 Configurations are cached as one ``.npz`` per size under the folder the caller names (default
 ``benchmarks/ground_truth_cache/ising/``), keyed by every sampling setting.
@@ -47,6 +58,7 @@ from torch import Tensor, nn
 
 from scalable_hbt.physics.ising import T_CRITICAL, sample_ising
 
+from .training import content_batches, objective_value
 from .workload import Workload
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "ground_truth_cache" / "ising"
@@ -76,13 +88,15 @@ class IsingSize:
 
 SIZES = {
     "tiny": IsingSize(L=16, n_temperatures=10, train_per_temperature=20, test_per_temperature=2,
-                      ood_per_temperature=5, width=4, epochs=3, frozen_epochs=2, per_chain=5, equilibration=30,
+                      ood_per_temperature=5, width=4, epochs=6, frozen_epochs=2, per_chain=5, equilibration=30,
                       spacing=5),
     "quick": IsingSize(L=32, n_temperatures=20, train_per_temperature=100, test_per_temperature=5,
-                       ood_per_temperature=20, width=8, epochs=6, frozen_epochs=3),
+                       ood_per_temperature=20, width=8, epochs=6, frozen_epochs=5),
     "full": IsingSize(L=32, n_temperatures=20, train_per_temperature=250, test_per_temperature=10,
                       ood_per_temperature=50, width=32, epochs=10, frozen_epochs=5),
 }
+TRAINING_FIELDS = ("width", "epochs", "frozen_epochs")
+"""The fields of ``IsingSize`` the configurations do not depend on (left out of the data cache's key)."""
 WEIGHT_DECAY = 5e-4
 
 
@@ -111,7 +125,8 @@ def ising_data(size: str = "quick", cache_dir: str | Path | None = None) -> dict
     """
     settings = _size(size)
     folder = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    key = hashlib.sha256(json.dumps([asdict(settings), EXCLUDED_BAND, OOD_TEMPERATURES, FLIP_RATE, NOISE_SIGMA],
+    sampling = {k: v for k, v in asdict(settings).items() if k not in TRAINING_FIELDS}
+    key = hashlib.sha256(json.dumps([sampling, EXCLUDED_BAND, OOD_TEMPERATURES, FLIP_RATE, NOISE_SIGMA],
                                     sort_keys=True).encode()).hexdigest()[:12]
     path = folder / f"ising_{size}_{key}.npz"
     if path.exists():
@@ -178,15 +193,21 @@ class IsingResNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------- training
-def objective_value(model: nn.Module, X: Tensor, y: Tensor, weight_decay: float) -> Tensor:
-    """Mean cross-entropy + (wd/2)·Σ‖θ‖² over the trainable parameters (the Objective's L)."""
-    reg = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
-    return nn.functional.cross_entropy(model(X), y) + 0.5 * weight_decay * reg
+FROZEN_OPTIMIZERS = {
+    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr),
+    "momentum": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
+}
+"""The second phase's optimisers: plain SGD (the default, see the module docstring) and the two
+the retraining-protocol check (``protocol.py``) compares it with."""
 
 
 @dataclass(frozen=True)
 class ResNetRecipe:
-    """Seeded Adam training in two phases (module docstring); calling it is a ``Trainer``.
+    """Seeded training in two phases (module docstring); calling it is a ``Trainer``.
+
+    ``frozen_lr`` must keep η·λ_max < 1 for the curvature of every mini-batch of the eval-mode
+    objective, not only for the full-data H.
 
     Cost: (epochs + frozen_epochs) · n / batch_size mini-batch steps.
     """
@@ -195,40 +216,45 @@ class ResNetRecipe:
     epochs: int
     frozen_epochs: int
     lr: float = 3e-3
+    frozen_lr: float = 0.008
+    frozen_optimizer: str = "sgd"
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.frozen_optimizer not in FROZEN_OPTIMIZERS:
+            raise ValueError(f"frozen_optimizer must be one of {sorted(FROZEN_OPTIMIZERS)}; got "
+                             f"{self.frozen_optimizer!r}.")
 
     @property
     def warm(self) -> ResNetRecipe:
-        """The eval-mode phase alone: training continued from the model's current parameters."""
+        """The eval-mode SGD phase alone: training continued from the model's current parameters."""
         return replace(self, epochs=0)
 
-    def _phase(self, model: nn.Module, X: Tensor, y: Tensor, epochs: int, order: torch.Generator) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        adam = torch.optim.Adam(params, lr=self.lr)
-        steps = epochs * -(-len(y) // self.batch_size)
-        decay = torch.optim.lr_scheduler.LambdaLR(adam, lambda k: 1.0 - k / steps)
-        for _ in range(epochs):
-            perm = torch.randperm(len(y), generator=order)
-            for start in range(0, len(y), self.batch_size):
-                index = perm[start:start + self.batch_size]
+    def _phase(self, model: nn.Module, X: Tensor, y: Tensor, epochs: int, optimizer: torch.optim.Optimizer,
+               seed: int) -> None:
+        steps = max(epochs * -(-len(y) // self.batch_size), 1)
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: max(1.0 - k / steps, 0.0))
+        for epoch in range(epochs):
+            for index in content_batches(X, self.batch_size, seed, epoch):
                 if model.training and len(index) < 2:
                     continue                    # BatchNorm's batch statistics need two points
-                adam.zero_grad()
-                objective_value(model, X[index], y[index], self.weight_decay).backward()
-                adam.step()
+                optimizer.zero_grad()
+                objective_value(model, X[index], y[index], self.weight_decay, self.batch_size).backward()
+                optimizer.step()
                 decay.step()
 
     def __call__(self, model: nn.Module, X: Tensor, y: Tensor, seed: int) -> nn.Module:
         if len(X) != len(y) or len(y) < 2:
             raise ValueError(f"training needs one label per input and at least two points; got {len(X)} inputs "
                              f"and {len(y)} labels.")
+        params = [p for p in model.parameters() if p.requires_grad]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            order = torch.Generator().manual_seed(seed)
             if self.epochs > 0:
-                self._phase(model.train(), X, y, self.epochs, order)
+                self._phase(model.train(), X, y, self.epochs, torch.optim.Adam(params, lr=self.lr), seed)
             if self.frozen_epochs > 0:
-                self._phase(model.eval(), X, y, self.frozen_epochs, order)
+                optimizer = FROZEN_OPTIMIZERS[self.frozen_optimizer](params, self.frozen_lr)
+                self._phase(model.eval(), X, y, self.frozen_epochs, optimizer, seed + 1)
         model.zero_grad(set_to_none=True)
         return model.eval()
 
@@ -246,7 +272,6 @@ def workload(size: str = "quick", cache_dir: str | Path | None = None) -> Worklo
 
     n_params = sum(p.numel() for p in make_model().parameters())
     kinds = np.bincount(data["ood_kind"].numpy(), minlength=3)
-    extra = {"warm_train": recipe.warm} if "warm_train" in Workload.__dataclass_fields__ else {}
     return Workload(
         "ising_resnet", make_model, data["train_X"], data["train_y"].long(), data["test_X"], data["test_y"].long(),
         recipe, weight_decay=WEIGHT_DECAY, ood_X=data["ood_X"],
@@ -255,4 +280,4 @@ def workload(size: str = "quick", cache_dir: str | Path | None = None) -> Worklo
                      f"T = {len(data['test_y'])}, {settings.n_temperatures} temperatures in [1.2, 3.6] outside "
                      f"{EXCLUDED_BAND}; OOD: {kinds[0]} at T ∈ {OOD_TEMPERATURES}, {kinds[1]} with "
                      f"{FLIP_RATE:.0%} spins flipped, {kinds[2]} with noise σ = {NOISE_SIGMA}"),
-        **extra)
+        warm_train=recipe.warm)

@@ -13,16 +13,41 @@ Cost: epochs · n/b mini-batch steps + ≤ 2·lbfgs_iterations full-data gradien
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 
-def objective_value(model: nn.Module, X: Tensor, y: Tensor, weight_decay: float) -> Tensor:
-    """Mean cross-entropy + (wd/2)·Σ‖θ‖² over the trainable parameters."""
+def objective_value(model: nn.Module, X: Tensor, y: Tensor, weight_decay: float, count: int | None = None) -> Tensor:
+    """Σ_i CE(f(x_i), y_i) / count + (wd/2)·Σ‖θ‖² over the trainable parameters; ``count``
+    defaults to len(y) (the mean). A mini-batch step divides by the nominal batch size instead,
+    so that removing a point from its batch removes its term and nothing else."""
     reg = sum((p * p).sum() for p in model.parameters() if p.requires_grad)
-    return nn.functional.cross_entropy(model(X), y) + 0.5 * weight_decay * reg
+    ce = nn.functional.cross_entropy(model(X), y, reduction="sum")
+    return ce / (len(y) if count is None else count) + 0.5 * weight_decay * reg
+
+
+def content_batches(X: Tensor, batch_size: int, seed: int, epoch: int) -> list[Tensor]:
+    """One epoch's mini-batches, each point placed by its content: index tensors into ``X``.
+
+    Point i goes to batch h(x_i) mod N_b, N_b = ⌈len(X)/batch_size⌉, h a BLAKE2b hash of the
+    bytes of x_i keyed by (seed, epoch); the batches are visited in an order seeded the same way,
+    empty ones left out. A retrain on all points but one therefore sees the very batches of the
+    full run, less that point (N_b is unchanged unless len(X) crosses a multiple of
+    ``batch_size``), and the copies of a point in a bootstrap resample share its batch: the
+    retrains differ by their data, not by a reshuffle. Batch sizes are binomial around
+    len(X)/N_b. Cost: one hash of every input per epoch.
+    """
+    count = -(-len(X) // batch_size)
+    key = f"{seed}:{epoch}".encode()
+    rows = X.detach().cpu().contiguous().reshape(len(X), -1).numpy()
+    slot = np.array([int.from_bytes(hashlib.blake2b(row.tobytes(), key=key, digest_size=8).digest(), "little")
+                     % count for row in rows], dtype=np.int64)
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    return [torch.from_numpy(index) for index in (np.flatnonzero(slot == b) for b in order) if len(index)]
 
 
 @dataclass(frozen=True)
