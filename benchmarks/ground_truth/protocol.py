@@ -50,23 +50,14 @@ def check(size: str, removed: int, variants: list[tuple[str, float]], retrain_ca
     workload = ising.workload(size, data_cache)
     cache = RetrainCache(retrain_cache, workload)
     model = truths.retrain(workload, cache, "trained", np.arange(len(workload.train_y)), workload.seed)
-    n = len(workload.train_y)
-    points = np.argsort(-truths.test_losses(model, workload.train_X, workload.train_y))[:removed]
-    dots = (gradients(model, workload.test_X, workload.test_y)
-            @ gradients(model, workload.train_X[points], workload.train_y[points]).T).double().numpy()
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = []
+    rows, dots = [], None
     for optimizer, lr in variants:
-        warm = replace(workload.warm_train, frozen_optimizer=optimizer, frozen_lr=lr)
-
-        def retrain(keep: np.ndarray) -> np.ndarray:
-            m = workload.make_model()
-            m.load_state_dict(start)
-            m = warm(m, workload.train_X[keep], workload.train_y[keep], 0)
-            return truths.test_losses(m, workload.test_X, workload.test_y)
-
-        base = retrain(np.arange(n))
-        change = np.stack([retrain(np.delete(np.arange(n), r)) - base for r in points], axis=1)
+        variant = replace(workload, warm_train=replace(workload.warm_train, frozen_optimizer=optimizer, frozen_lr=lr))
+        loo = truths.leave_one_out_truth(variant, RetrainCache(None, variant), model, removed, progress=False)
+        points, change = loo.removed, loo.change
+        if dots is None:
+            dots = (gradients(model, workload.test_X, workload.test_y)
+                    @ gradients(model, workload.train_X[points], workload.train_y[points]).T).double().numpy()
         per_point = [float(np.corrcoef(dots[:, j], change[:, j])[0, 1]) for j in range(len(points))]
         rows.append({"optimizer": optimizer, "lr": lr, "per_point": per_point,
                      "pooled": float(np.corrcoef(dots.ravel(), change.ravel())[0, 1]),
